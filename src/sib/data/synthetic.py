@@ -1,0 +1,258 @@
+"""The built-in benchmark: handwritten digits pasted onto procedural textures, with a spurious background cue.
+
+Every sample is generated on the fly from `(seed, split, index)` alone (no files, no download), so any
+access order, any number of DataLoader workers and any machine give identical tensors.
+
+- Object (the real signal): class `c` is the digit `c` from scikit-learn's bundled 8x8 handwritten digits,
+  one of ~180 writers' instances (train uses two thirds of the instances, the other splits the held-out
+  third), upscaled bilinearly to 35-60% of the image side and thresholded into a crisp binary shape,
+  placed fully inside the image at a random position, in one flat colour whose every channel is near 0 or
+  near 1 (the background's channels stay in [0.25, 0.77], so the object always stands out).
+- Background (the shortcut): one of `num_classes` texture families (stripes, checkerboard, dots, rings,
+  ...), each with random frequency, phase, orientation jitter and two colours of moderate contrast. In
+  "train", "val" and "test" the family equals the label with probability `rho` and is otherwise one of the
+  other families uniformly; in "test_shifted" it is uniform over all families, independent of the label,
+  so a model that reads backgrounds loses accuracy there.
+- Mask: exactly the pasted object's pixels. Image pixels are multiples of 1/255 (stored as uint8), the
+  image equals the object colour on the mask and `background(i)` everywhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from sib.data.transforms import NORMALIZATIONS, normalize
+
+SPLITS = ("train", "val", "test", "test_shifted")
+DEFAULT_NUM_SAMPLES = {"train": 1200, "val": 600, "test": 600, "test_shifted": 600}
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+FAMILIES = ("stripes_horizontal", "stripes_vertical", "checkerboard", "dots", "rings", "blobs", "waves",
+            "stripes_diagonal", "grid", "gradient")
+MAX_CLASSES = len(DIGIT_NAMES)  # one digit shape per class; there are as many texture families
+
+Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _sample_seed(seed: int, split: str, index: int) -> int:
+    """A 63-bit seed from (seed, split, index); blake2b, not Python's salted `hash()`, so it is stable."""
+    digest = hashlib.blake2b(f"sib-synthetic/{seed}/{split}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _uniform(g: torch.Generator, low: float = 0.0, high: float = 1.0, size: tuple[int, ...] = ()) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=g)
+
+
+def _texture(family: int, g: torch.Generator, size: int) -> torch.Tensor:
+    """One texture of a family as a pattern in [0, 1].
+
+    Frequencies are in cycles per image side, so a family looks the same at 64 and 224 px.
+
+    Returns:
+        float32 (size, size) in [0, 1].
+    """
+    u = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    y, x = u[:, None], u[None, :]  # broadcast to (size, size)
+    f, phase = float(_uniform(g, 4.0, 7.0)), float(_uniform(g, 0.0, 2 * math.pi))
+    name = FAMILIES[family]
+    if name.startswith("stripes"):
+        base = {"stripes_horizontal": 0.0, "stripes_vertical": 90.0, "stripes_diagonal": 45.0}[name]
+        theta = math.radians(base + float(_uniform(g, -10.0, 10.0)))
+        p = 0.5 + 0.5 * torch.sin(2 * math.pi * f * (y * math.cos(theta) + x * math.sin(theta)) + phase)
+    elif name == "checkerboard":
+        off = _uniform(g, size=(2,))
+        p = ((torch.floor(f * y + off[0]) + torch.floor(f * x + off[1])) % 2).expand(size, size)
+    elif name == "dots":
+        off, radius = _uniform(g, size=(2,)), float(_uniform(g, 0.2, 0.32))
+        dy, dx = (f * y + off[0]) % 1.0 - 0.5, (f * x + off[1]) % 1.0 - 0.5
+        p = (dy**2 + dx**2 < radius**2).float()
+    elif name == "rings":
+        cy, cx = _uniform(g, size=(2,))
+        p = 0.5 + 0.5 * torch.sin(2 * math.pi * f * torch.sqrt((y - cy) ** 2 + (x - cx) ** 2) + phase)
+    elif name == "blobs":
+        # Smooth random blobs: a coarse noise grid upsampled and sharpened into light/dark regions.
+        coarse = torch.rand((1, 1, 5, 5), generator=g)
+        smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0, 0]
+        p = torch.sigmoid(12.0 * (smooth - 0.5))
+    elif name == "waves":
+        amp, g_freq = float(_uniform(g, 1.5, 3.0)), float(_uniform(g, 1.5, 3.0))
+        p = 0.5 + 0.5 * torch.sin(2 * math.pi * f * y + amp * torch.sin(2 * math.pi * g_freq * x) + phase)
+    elif name == "grid":
+        off, width = _uniform(g, size=(2,)), float(_uniform(g, 0.15, 0.25))
+        p = (((f * y + off[0]) % 1.0 < width) | ((f * x + off[1]) % 1.0 < width)).float()
+    else:  # gradient: a linear ramp in a random direction, the low-frequency family
+        theta = float(_uniform(g, 0.0, 2 * math.pi))
+        ramp = (y - 0.5) * math.cos(theta) + (x - 0.5) * math.sin(theta)
+        p = (ramp / math.sqrt(0.5) + 0.5).clamp(0.0, 1.0)
+    return p.expand(size, size)
+
+
+def _background(family: int, g: torch.Generator, size: int) -> torch.Tensor:
+    """A texture in two colours of moderate contrast (channels in [0.25, 0.77]).
+
+    Returns:
+        uint8 (3, size, size); values are the [0, 1] image times 255.
+    """
+    low = _uniform(g, 0.25, 0.55, (3,))
+    high = low + _uniform(g, 0.12, 0.22, (3,))  # contrast kept below the object's (>= 0.15 per channel)
+    if bool(torch.rand((), generator=g) < 0.5):
+        low, high = high, low
+    p = _texture(family, g, size)[None]  # (H, W) -> (1, H, W)
+    rgb = low[:, None, None] * (1.0 - p) + high[:, None, None] * p  # (3, H, W)
+    return torch.round(rgb * 255.0).to(torch.uint8)
+
+
+class SyntheticBenchmark(Dataset):
+    """Digits on textures with a background shortcut; yields (image, label, mask).
+
+    Args:
+        root: ignored (the benchmark is generated); accepted for the `create_dataset` signature.
+        split: "train", "val", "test" (same distribution as "val", different samples) or "test_shifted"
+            (background independent of the label). Each split has its own stream of samples.
+        transform: None, or a paired transform called as `transform(image01, mask) -> (image01, mask)` on
+            the [0, 1] image (3,H,W) float32 and the mask (1,H,W) bool before normalisation.
+        num_samples: number of samples; default 1200 for "train", 600 for the other splits.
+        image_size: side H = W in pixels (64 default; 224 works).
+        num_classes: K in [2, 10]; class c is the digit c, texture family c is its background cue.
+        rho: probability that the background family equals the label (not in "test_shifted").
+        seed: base seed; sample i of a split depends only on (seed, split, i).
+        normalization: a name in `sib.data.transforms.NORMALIZATIONS`.
+        cache: keep generated samples (uint8 image, bool mask) in memory; transforms are not cached.
+    """
+
+    has_masks = True
+
+    def __init__(self, root: str | None = None, split: str = "train", transform: Transform | None = None, *,
+                 num_samples: int | None = None, image_size: int = 64, num_classes: int = 6,
+                 rho: float = 0.9, seed: int = 0, normalization: str = "half", cache: bool = True) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} for 'synthetic'; valid splits: {', '.join(SPLITS)}")
+        if not 2 <= num_classes <= MAX_CLASSES:
+            raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {num_classes}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho must be in [0, 1], got {rho}")
+        if image_size < 16:
+            raise ValueError(f"image_size must be at least 16, got {image_size}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalisation {normalization!r}; valid names: "
+                             f"{', '.join(sorted(NORMALIZATIONS))}")
+        self.root, self.split, self.transform = root, split, transform
+        self.num_samples = DEFAULT_NUM_SAMPLES[split] if num_samples is None else int(num_samples)
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.image_size, self.num_classes, self.rho, self.seed = image_size, num_classes, rho, seed
+        self.normalization = normalization
+        self.classes = list(DIGIT_NAMES[:num_classes])
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+
+    _digits: list[torch.Tensor] | None = None  # per digit: (n, 8, 8) float32 in [0, 1]; loaded once
+
+    @classmethod
+    def _templates(cls, digit: int, held_out: bool) -> torch.Tensor:
+        """The instances of one digit: (n, 8, 8) float32 in [0, 1]; train gets 2/3, the rest 1/3."""
+        if cls._digits is None:
+            from sklearn.datasets import load_digits  # bundled with scikit-learn; imported only when needed
+
+            data = load_digits()
+            images = torch.as_tensor(data.images, dtype=torch.float32) / 16.0  # pixel values are 0..16
+            targets = torch.as_tensor(data.target)
+            cls._digits = [images[targets == d] for d in range(MAX_CLASSES)]
+        instances = cls._digits[digit]
+        keep = (torch.arange(len(instances)) % 3 == 0) == held_out
+        return instances[keep]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _check_index(self, i: int) -> int:
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"index {i} out of range for {self.num_samples} samples")
+        return i % self.num_samples
+
+    def label(self, i: int) -> int:
+        """Class of sample i: `i % num_classes`, so classes are exactly balanced (to within one)."""
+        return self._check_index(i) % self.num_classes
+
+    def _start(self, i: int) -> tuple[torch.Generator, int, int]:
+        """Generator for sample i after the family draw, its label and background family.
+
+        The family is drawn first, so `background_family` needs no rendering.
+        """
+        i = self._check_index(i)
+        g = torch.Generator().manual_seed(_sample_seed(self.seed, self.split, i))
+        label, k = i % self.num_classes, self.num_classes
+        u, other = float(torch.rand((), generator=g)), int(torch.randint(k - 1, (), generator=g))
+        if self.split == "test_shifted":
+            family = int(torch.randint(k, (), generator=g))
+        else:  # agree with probability rho, else one of the *other* families, uniformly
+            family = label if u < self.rho else (label + 1 + other) % k
+        return g, label, family
+
+    def background_family(self, i: int) -> int:
+        """Index (into `FAMILIES`) of the texture family behind sample i; cheap (no rendering)."""
+        return self._start(i)[2]
+
+    def background(self, i: int) -> torch.Tensor:
+        """The background of sample i alone, as the [0, 1] image outside the mask equals it.
+
+        Returns:
+            float32 (3, H, W) in [0, 1].
+        """
+        g, _, family = self._start(i)
+        return _background(family, g, self.image_size).float() / 255.0
+
+    def _render(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample i before any transform: uint8 image (3,H,W) and bool mask (1,H,W)."""
+        g, label, family = self._start(i)
+        size = self.image_size
+        image = _background(family, g, size)  # same draws as `background(i)`, so the two agree exactly
+        templates = self._templates(label, held_out=self.split != "train")
+        glyph = templates[int(torch.randint(len(templates), (), generator=g))]
+        side = max(8, round(float(_uniform(g, 0.35, 0.60)) * size))
+        # Bilinear upscaling then a threshold turns the blurry 8x8 digit into a crisp binary shape.
+        up = F.interpolate(glyph[None, None], size=(side, side), mode="bilinear", align_corners=False)
+        shape = up[0, 0] > 0.3  # (1, 1, s, s) -> (s, s)
+        top, left = (int(torch.randint(size - side + 1, (), generator=g)) for _ in range(2))
+        mask = torch.zeros((1, size, size), dtype=torch.bool)
+        mask[0, top:top + side, left:left + side] = shape
+        # Each channel near 0 or near 1: at least 0.15 away from any background channel value.
+        bright = torch.rand(3, generator=g) < 0.5
+        colour = torch.where(bright, _uniform(g, 0.90, 1.0, (3,)), _uniform(g, 0.0, 0.10, (3,)))
+        colour_u8 = torch.round(colour * 255.0).to(torch.uint8)
+        image = torch.where(mask, colour_u8[:, None, None], image)  # (1,H,W) mask broadcast over (3,H,W)
+        assert mask.any(), "a thresholded digit is never empty"
+        return image, mask
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Sample i.
+
+        Returns:
+            image: float32 (3, H, W), normalised with `normalization` (from [0, 1]).
+            label: int in [0, num_classes).
+            mask: bool (1, H, W), True exactly on the pasted object.
+        """
+        i = self._check_index(i)
+        cached = self._cache.get(i) if self._cache is not None else None
+        if cached is None:
+            cached = self._render(i)
+            if self._cache is not None:
+                self._cache[i] = cached
+        image_u8, mask = cached
+        image, mask = image_u8.float() / 255.0, mask.clone()  # clone: callers may edit the mask in place
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return normalize(image, self.normalization), i % self.num_classes, mask
+
+    def __repr__(self) -> str:
+        return (f"SyntheticBenchmark(split={self.split!r}, num_samples={self.num_samples}, "
+                f"image_size={self.image_size}, num_classes={self.num_classes}, rho={self.rho}, "
+                f"seed={self.seed})")
+
+
+__all__ = ["FAMILIES", "SPLITS", "SyntheticBenchmark"]

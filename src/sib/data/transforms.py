@@ -1,0 +1,151 @@
+"""Normalisation shared by every dataset, and paired transforms that move an image and its mask together.
+
+A paired transform is a callable `(PIL image, PIL mask or None) -> (image, mask or None)`:
+
+    image  float32 (3, S, S), normalised with one of `NORMALIZATIONS`
+    mask   bool (1, S, S), True on the object; None when the input mask was None
+
+Geometry is shared: the image and the mask go through one torchvision `transforms.v2` pipeline as
+`tv_tensors.Image` and `tv_tensors.Mask`, so a random crop or flip draws its parameters once and applies
+them to both; the image is resampled bilinearly (antialiased), the mask with nearest neighbour, so a mask
+pixel is always a copy of some input mask pixel (no new foreground is invented, and a foreground pixel
+that survives the crop stays foreground).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+# name -> (mean, std) per RGB channel. "half" is what the S-IB reference uses.
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+# torchvision's RandomResizedCrop defaults: area fraction and aspect ratio of the crop.
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+DEFAULT_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def _stats(name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalisation {name!r}; valid names: {', '.join(sorted(NORMALIZATIONS))}")
+    mean, std = NORMALIZATIONS[name]
+    shape = (3, 1, 1) if like.dim() == 3 else (1, 3, 1, 1)
+    return (torch.tensor(mean, dtype=like.dtype, device=like.device).view(shape),
+            torch.tensor(std, dtype=like.dtype, device=like.device).view(shape))
+
+
+def normalize(img: torch.Tensor, name: str = "half") -> torch.Tensor:
+    """Map an image in [0, 1] ((3,H,W) or (B,3,H,W)) to the model's input space."""
+    mean, std = _stats(name, img)
+    return (img - mean) / std
+
+
+def denormalize(x: torch.Tensor, name: str = "half") -> torch.Tensor:
+    """Inverse of `normalize`: model input back to [0, 1] (clamped) for display."""
+    mean, std = _stats(name, x)
+    return (x * std + mean).clamp(0.0, 1.0)
+
+
+def image_to_tensor(image: Image.Image) -> tv_tensors.Image:
+    """PIL RGB image -> `tv_tensors.Image` uint8 (3, H, W) in [0, 255]."""
+    if image.mode != "RGB":
+        raise ValueError(f"paired transforms expect an RGB image, got mode {image.mode!r} "
+                         "(sib.data.common.open_image converts every mode to RGB)")
+    return tv_tensors.Image(TF.pil_to_tensor(image))
+
+
+def mask_to_tensor(mask: Image.Image | np.ndarray) -> tv_tensors.Mask:
+    """Binary mask (PIL image of any mode, or (H, W) array) -> `tv_tensors.Mask` uint8 (1, H, W) in {0, 1}.
+
+    Any non-zero pixel is foreground. uint8, not bool, because torchvision resamples uint8 masks.
+    """
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise ValueError(f"a mask must be single-channel (H, W), got an array of shape {array.shape}")
+    return tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(array != 0, dtype=np.uint8))[None])
+
+
+class PairedTransform:
+    """Apply one geometric pipeline to an image and its mask, then scale and normalise the image.
+
+    Args:
+        geometry: `transforms.v2` transforms on (tv_tensors.Image, tv_tensors.Mask); their random
+            parameters are drawn once per call and shared by image and mask.
+        normalization: a key of `NORMALIZATIONS`.
+    """
+
+    def __init__(self, geometry: list[Any], normalization: str = "half") -> None:
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalisation {normalization!r}; "
+                             f"valid names: {', '.join(sorted(NORMALIZATIONS))}")
+        mean, std = NORMALIZATIONS[normalization]
+        self.normalization = normalization
+        # ToDtype with a single dtype and Normalize touch only images, never masks.
+        self.pipeline = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True),
+                                    v2.Normalize(list(mean), list(std))])
+
+    def __call__(self, image: Image.Image, mask: Image.Image | np.ndarray | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Transform a PIL RGB image (W, H) and an optional binary mask of the same size.
+
+        Returns:
+            image float32 (3, S, S) normalised; mask bool (1, S, S) or None.
+        """
+        img = image_to_tensor(image)  # uint8 (3, H, W)
+        if mask is None:
+            return self.pipeline(img).as_subclass(torch.Tensor), None
+        m = mask_to_tensor(mask)  # uint8 (1, H, W)
+        if m.shape[-2:] != img.shape[-2:]:
+            raise ValueError(f"mask size {tuple(m.shape[-2:])} differs from image size "
+                             f"{tuple(img.shape[-2:])} (H, W); datasets fit masks before transforming")
+        out, out_mask = self.pipeline(img, m)
+        return out.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor).bool()
+
+    def __repr__(self) -> str:
+        return f"PairedTransform({self.pipeline!r})"
+
+
+def create_transform(train: bool, image_size: int = 224, resize_size: int | None = None,
+                     normalization: str = "half", crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+                     flip: bool = True) -> PairedTransform:
+    """Create the paired train or eval transform.
+
+    Args:
+        train: True for random resized crop + horizontal flip; False for resize + centre crop.
+        image_size: side S of the square output.
+        resize_size: eval only: the shorter side is resized to this before the centre crop; None means
+            round(image_size * 256 / 224) (256 for 224, the ImageNet convention). `resize_size ==
+            image_size` keeps the whole shorter side (no border cropped away).
+        normalization: "half" (mean 0.5, std 0.5, the reference's) or "imagenet".
+        crop_scale: train only: range of the crop's area as a fraction of the image's.
+        flip: train only: random horizontal flip with probability 0.5.
+
+    Returns:
+        A `PairedTransform`: `(PIL image, PIL mask or None) -> (float32 (3,S,S), bool (1,S,S) or None)`.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if train:
+        geometry: list[Any] = [v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=DEFAULT_CROP_RATIO,
+                                                    antialias=True)]
+        if flip:
+            geometry.append(v2.RandomHorizontalFlip(0.5))
+    else:
+        resize = round(image_size * 256 / 224) if resize_size is None else resize_size
+        if resize < image_size:
+            raise ValueError(f"resize_size {resize} is smaller than image_size {image_size}")
+        geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
+    return PairedTransform(geometry, normalization)
+
+
+__all__ = ["NORMALIZATIONS", "PairedTransform", "create_transform", "denormalize", "image_to_tensor",
+           "mask_to_tensor", "normalize"]

@@ -1,0 +1,152 @@
+"""Models by name, and the layer each family's CAM methods read.
+
+`create_model(name, num_classes, image_size)` returns an `nn.Module` mapping normalised images
+(B, 3, H, W) to logits (B, num_classes). Names:
+
+- "tiny_cnn":  two 3x3 conv layers, 8 channels; for tests (milliseconds per step).
+- "small_cnn": four conv-BN-ReLU blocks (32-64-128-128); the built-in demo's model (CPU minutes).
+- "resnet18", "resnet50", "densenet121", "vgg16_bn", "vit_b_32", "vit_b_16", and any other
+  torchvision classification model by its builder name ("efficientnet_b0", ...), trained from scratch
+  unless `pretrained` names a local weights file (never a hub download).
+
+Small images (ResNet stem rule): for `image_size < 128` a ResNet's 7x7 stride-2 stem convolution is
+replaced by a 3x3 stride-1 one (the max-pool is kept), so a 64 px image reaches layer4 as a 4x4 map
+instead of 2x2, which is what CAM methods need to localise anything; at 224 px the torchvision stem is
+unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+SMALL_IMAGE_LIMIT = 128  # below this input size, ResNet stems are adapted (see module docstring)
+
+
+class TinyCNN(nn.Module):
+    """Two 3x3 convolutions (8 channels), global average pooling, a linear head. For tests."""
+
+    def __init__(self, num_classes: int, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))  # (B, C, 1, 1) -> (B, C) -> (B, K)
+
+
+def _block(cin: int, cout: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                               nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU blocks (32, 64, 128, 128 channels), three 2x max-pools, GAP, linear head.
+
+    At 64 px the last block's map is 8x8, fine enough for CAMs; ~0.1 GFLOP per 64 px image.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(_block(3, 32, True), _block(32, 64, True), _block(64, 128, True),
+                                      _block(128, 128, False))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))  # (B, C, 1, 1) -> (B, C) -> (B, K)
+
+
+_CUSTOM: dict[str, Callable[[int], nn.Module]] = {"tiny_cnn": TinyCNN, "small_cnn": SmallCNN}
+
+
+def available_models() -> list[str]:
+    """Every name `create_model` accepts: our own models and torchvision's classification models."""
+    return sorted(_CUSTOM) + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def create_model(name: str, num_classes: int, image_size: int = 224, pretrained: str | Path | None = None
+                 ) -> nn.Module:
+    """Build a classifier by name.
+
+    Args:
+        name: see `available_models()`.
+        num_classes: size of the output layer.
+        image_size: input side in pixels; sets the ResNet stem rule and the ViT image size.
+        pretrained: optional path of a local state dict (or a sib checkpoint holding "model") to load.
+
+    Returns:
+        nn.Module with attributes `sib_name` (the registry name) and `sib_num_classes`.
+    """
+    if name in _CUSTOM:
+        model = _CUSTOM[name](num_classes)
+    else:
+        valid = available_models()
+        if name not in valid:
+            raise ValueError(f"unknown model {name!r}; valid names: {', '.join(valid)}")
+        kwargs: dict = {"weights": None, "num_classes": num_classes}
+        if name.startswith("vit_"):
+            kwargs["image_size"] = image_size
+        model = torchvision.models.get_model(name, **kwargs)
+        if isinstance(model, torchvision.models.ResNet) and image_size < SMALL_IMAGE_LIMIT:
+            model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    if pretrained is not None:
+        _load_weights(model, Path(pretrained))
+    model.sib_name = name
+    model.sib_num_classes = num_classes
+    return model
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"--pretrained {path}: no such file (expected a local state dict)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"--pretrained {path}: weights do not fit this model: {err}") from err
+
+
+def cam_target_layer(model: nn.Module) -> nn.Module:
+    """The layer whose activations CAM methods weight, chosen by model family.
+
+    ResNet: layer4; DenseNet: features (ends with norm5); VGG and our CNNs: features; ViT: the last
+    encoder block's first LayerNorm (tokens; see `cam_reshape`). Other families raise a ValueError asking
+    for an explicit `target_layer`.
+    """
+    m = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    if isinstance(m, torchvision.models.ResNet):
+        return m.layer4
+    if isinstance(m, torchvision.models.VisionTransformer):
+        return m.encoder.layers[-1].ln_1
+    if isinstance(m, (torchvision.models.DenseNet, torchvision.models.VGG, TinyCNN, SmallCNN)):
+        return m.features
+    raise ValueError(f"no default CAM target layer for {type(m).__name__}; pass target_layer= "
+                     f"(the last convolutional block, as an nn.Module of the model)")
+
+
+def cam_reshape(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For token models, a function mapping activations (B, 1+N, D) to a grid (B, D, h, w); else None."""
+    m = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    if not isinstance(m, torchvision.models.VisionTransformer):
+        return None
+    side = m.image_size // m.patch_size
+
+    def to_grid(tokens: torch.Tensor) -> torch.Tensor:
+        grid = tokens[:, 1:, :]  # drop the class token: (B, 1+N, D) -> (B, N, D)
+        return grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], side, side)  # -> (B, D, h, w)
+
+    return to_grid
