@@ -1,0 +1,64 @@
+"""Figures (matplotlib; the only package that draws): heatmap grids of inputs, masks and attributions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from sib.io import _atomic  # noqa: E402
+
+
+def heatmap_grid(images: torch.Tensor, masks: torch.Tensor | None, columns: dict[str, torch.Tensor],
+                 path: Path, row_labels: list[str] | None = None, title: str | None = None) -> Path:
+    """One row per image: the input, its ground-truth mask, then one heatmap per named column.
+
+    Args:
+        images: (N, 3, H, W) float in [0, 1] (denormalised).
+        masks: (N, 1, H, W) bool ground truth, or None.
+        columns: column title -> (N, 1, H, W) attribution; each map is min-max normalised per image for
+            display and drawn over a faded copy of the input, with the mask's outline.
+        path: PNG file to write (atomically).
+        row_labels: optional text left of each row (e.g. "label 3").
+        title: optional figure title.
+    """
+    n = images.shape[0]
+    ncols = 1 + (masks is not None) + len(columns)
+    fig, axes = plt.subplots(n, ncols, figsize=(1.6 * ncols, 1.6 * n + (0.4 if title else 0)), squeeze=False)
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).cpu().numpy()  # (3, H, W) -> (H, W, 3)
+        panels: list[tuple[str, object]] = [("input", None)]
+        if masks is not None:
+            panels.append(("ground truth", None))
+        panels += list(columns.items())
+        for j, (name, attr) in enumerate(panels):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+            if name == "input":
+                ax.imshow(img)
+                if row_labels:
+                    ax.set_ylabel(row_labels[i], fontsize=7)
+            elif name == "ground truth" and masks is not None:
+                ax.imshow(masks[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                a = attr[i, 0].float()
+                a = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12)
+                ax.imshow(img * 0.35 + 0.65 * img.mean(axis=2, keepdims=True) * 0.35)
+                ax.imshow(a.cpu().numpy(), cmap="jet", alpha=0.6, vmin=0, vmax=1)
+                if masks is not None:
+                    ax.contour(masks[i, 0].cpu().numpy().astype(float), levels=[0.5], colors="white",
+                               linewidths=0.6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return path
