@@ -6,7 +6,9 @@ Robustness policy (one row per irregularity; `sib data check` reports every row 
     --------------------------------------------  ----------------------------------------------------------
     list names a file that is absent              skipped at construction; one DataWarning per dataset
                                                   summarises the count and first names; kept in `problems`
+    malformed or repeated list line               skipped; counted in the same DataWarning
     file on disk absent from every list           ignored (the lists are the source of truth); check reports
+    non-image file in a class folder (.DS_Store)  ignored; check reports
     content differs from the extension            read by content (PIL sniffs the format); check reports
     grey / RGBA / CMYK / palette / 16-bit image   converted to RGB (alpha composited on white); check reports
     truncated, empty or unreadable image          `ImageReadError` naming the file when the sample is read
@@ -25,8 +27,7 @@ EXIF orientation is not applied: every annotation of these datasets is in stored
 from __future__ import annotations
 
 import warnings
-import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -78,12 +79,14 @@ class Problem:
 
 @dataclass
 class Sample:
-    """One listed image: its file, its contiguous label, and where its mask comes from (loader-specific:
-    a mask file, a list of boxes, an XML file; None when the sample has no ground truth)."""
+    """One listed image: its file, its contiguous label, where its mask comes from (loader-specific: a mask
+    file, a list of boxes, an XML file; None when the sample has no ground truth), and for formats that
+    pack many images in one file (CIFAR), the image's row in it."""
 
     path: Path
     label: int
     mask: Any = None
+    row: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -225,35 +228,6 @@ def boxes_to_mask(boxes: Iterable[Sequence[float]], size: tuple[int, int]) -> np
     return mask
 
 
-def read_voc_boxes(path: str | Path) -> tuple[tuple[int, int] | None, list[tuple[str, tuple[float, ...]]]]:
-    """Parse a PASCAL VOC annotation.
-
-    Returns:
-        ((W, H) from <size>, or None where absent or zero), [(object name, (xmin, ymin, xmax, ymax))].
-
-    Raises:
-        MaskReadError: unreadable or malformed XML; names the file.
-    """
-    try:
-        tree = ET.parse(path)
-        size_node = tree.find("size")
-        size = None
-        if size_node is not None:
-            w, h = int(float(size_node.findtext("width", "0"))), int(float(size_node.findtext("height", "0")))
-            size = (w, h) if w > 0 and h > 0 else None
-        boxes = []
-        for obj in tree.iter("object"):
-            box = obj.find("bndbox")
-            if box is not None:
-                coords = tuple(float(box.findtext(k, "nan")) for k in ("xmin", "ymin", "xmax", "ymax"))
-                if any(np.isnan(coords)):
-                    raise ValueError("a <bndbox> lacks one of xmin, ymin, xmax, ymax")
-                boxes.append(((obj.findtext("name") or "").strip(), coords))
-    except (OSError, ET.ParseError, ValueError) as e:
-        raise MaskReadError(f"cannot read annotation {path}: {e}") from e
-    return size, boxes
-
-
 # ---------------------------------------------------------------------------------------------- splits
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -282,39 +256,13 @@ def missing(root: Path, dataset: str, expected: Sequence[str], how: str) -> File
                              f"{how}")
 
 
-def scan_class_folders(folder: Path, classes: Sequence[str] | None = None
-                       ) -> tuple[list[str], list[tuple[Path, int]], list[Problem]]:
-    """List `folder/<class>/<image>` files (sorted), skipping non-image files.
-
-    Args:
-        folder: a folder of class folders.
-        classes: fixed class names (e.g. the train folder's for a test folder); None: the sorted
-            sub-folder names of `folder`.
-
-    Returns:
-        (classes, [(path, class index)], problems: non-image files skipped, empty class folders,
-        class folders not in `classes`).
-    """
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes = list(found if classes is None else classes)
-    index = {c: i for i, c in enumerate(classes)}
-    items: list[tuple[Path, int]] = []
-    problems: list[Problem] = []
-    for name in found:
-        if name not in index:
-            problems.append(Problem(str(folder / name), "class folder not among the training classes", "skipped"))
-            continue
-        n_before = len(items)
-        for p in sorted((folder / name).rglob("*")):
-            if p.is_dir():
-                continue
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
-                items.append((p, index[name]))
-            else:
-                problems.append(Problem(str(p), "not an image file (by extension)", "ignored"))
-        if len(items) == n_before:
-            problems.append(Problem(str(folder / name), "class folder holds no image", "kept"))
-    return classes, items, problems
+def download_or_explain(fetch: Callable[[], Any], dataset: str, root: Path, how: str) -> None:
+    """Run a torchvision downloader; turn a network failure into an error that says what to do instead."""
+    try:
+        fetch()
+    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; torchvision raises RuntimeError
+        raise RuntimeError(f"{dataset}: download into {root} failed ({e}); without network, get the files "
+                           f"by hand: {how}") from e
 
 
 # ------------------------------------------------------------------------------------------ base class
@@ -358,12 +306,7 @@ class MaskedImageDataset(Dataset):
         self.classes: list[str] = []
         self.problems: list[Problem] = []
         self.root = self._locate(Path(root).expanduser(), download)
-        listed = self._read_split("test" if split == "test" else "trainval")
-        if split in ("train", "val"):
-            # Partition the list before dropping absent files: repairing a file later moves nothing.
-            train_idx, val_idx = stratified_split([s.label for s in listed], val_fraction, seed)
-            listed = [listed[i] for i in (train_idx if split == "train" else val_idx)]
-        self.samples = self._drop(listed, exclude)
+        self.samples = self._drop(self._select(split, val_fraction, seed), exclude)
         resize = image_size if self.eval_whole_image else None
         self.transform = transform if transform is not None else create_transform(
             False, image_size, resize, normalization)
@@ -379,6 +322,15 @@ class MaskedImageDataset(Dataset):
     def _load_mask(self, sample: Sample, size: tuple[int, int], notes: list[str] | None) -> np.ndarray:
         """A sample's mask as bool (h, w) at its own size (fitted to the image afterwards)."""
         raise NotImplementedError
+
+    def _select(self, split: str, val_fraction: float, seed: int) -> list[Sample]:
+        """The split's samples: an official list, or a part of the train(val) list."""
+        listed = self._read_split("test" if split == "test" else "trainval")
+        if split in ("train", "val"):
+            # Partition the list before dropping absent files: repairing a file later moves nothing.
+            train_idx, val_idx = stratified_split([s.label for s in listed], val_fraction, seed)
+            listed = [listed[i] for i in (train_idx if split == "train" else val_idx)]
+        return listed
 
     def _load_image(self, sample: Sample, notes: list[str] | None = None) -> Image.Image:
         return open_image(sample.path, notes)
@@ -414,8 +366,9 @@ class MaskedImageDataset(Dataset):
             kinds[f"{p.what} ({p.action})"] = kinds.get(f"{p.what} ({p.action})", 0) + 1
         summary = "; ".join(f"{n} {k}" for k, n in kinds.items())
         first = ", ".join(Path(p.file).name for p in shown[:5]) + (", ..." if len(shown) > 5 else "")
-        warnings.warn(f"{type(self).__name__}(split={self.split!r}) at {self.root}: {summary}. First: {first}. "
-                      "See the dataset's `problems`, or run `sib data check`.", DataWarning, stacklevel=3)
+        warnings.warn(f"{type(self).__name__}(split={self.split!r}) at {self.root}: {summary}. "
+                      f"First: {first}. See the dataset's `problems`, or run `sib data check`.",
+                      DataWarning, stacklevel=3)
 
     @property
     def num_classes(self) -> int:

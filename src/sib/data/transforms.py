@@ -5,11 +5,16 @@ A paired transform is a callable `(PIL image, PIL mask or None) -> (image, mask 
     image  float32 (3, S, S), normalised with one of `NORMALIZATIONS`
     mask   bool (1, S, S), True on the object; None when the input mask was None
 
-Geometry is shared: the image and the mask go through one torchvision `transforms.v2` pipeline as
-`tv_tensors.Image` and `tv_tensors.Mask`, so a random crop or flip draws its parameters once and applies
-them to both; the image is resampled bilinearly (antialiased), the mask with nearest neighbour, so a mask
-pixel is always a copy of some input mask pixel (no new foreground is invented, and a foreground pixel
-that survives the crop stays foreground).
+Geometry is shared exactly: the mask rides through the torchvision `transforms.v2` pipeline as a fourth
+channel (0 / 255) of the `tv_tensors.Image`, so a random crop or flip draws its parameters once and the
+mask is resampled with the image's own antialiased bilinear filter; the output mask is that channel
+thresholded at one half, i.e. an output pixel is foreground when most of its footprint in the input is.
+So a pixel whose whole footprint is foreground stays foreground and one whose footprint is all
+background stays background (tested), and the mask's area is preserved without bias.
+
+Why not `tv_tensors.Mask`: torchvision resamples masks with legacy nearest neighbour, which samples at
+floor(i * scale) while the image is sampled at pixel centres, shifting the mask up to one input pixel
+(about half an output pixel at 500 -> 256 px) towards the top left of the image.
 """
 
 from __future__ import annotations
@@ -63,23 +68,25 @@ def image_to_tensor(image: Image.Image) -> tv_tensors.Image:
     return tv_tensors.Image(TF.pil_to_tensor(image))
 
 
-def mask_to_tensor(mask: Image.Image | np.ndarray) -> tv_tensors.Mask:
-    """Binary mask (PIL image of any mode, or (H, W) array) -> `tv_tensors.Mask` uint8 (1, H, W) in {0, 1}.
+def mask_to_tensor(mask: Image.Image | np.ndarray) -> torch.Tensor:
+    """Binary mask (PIL image of any mode, or (H, W) array) -> uint8 (1, H, W): 255 foreground, 0 background.
 
-    Any non-zero pixel is foreground. uint8, not bool, because torchvision resamples uint8 masks.
+    Any non-zero pixel is foreground. 255 rather than 1 so that the mask, resampled as an image channel,
+    keeps 8 bits of sub-pixel coverage before it is thresholded.
     """
     array = np.asarray(mask)
     if array.ndim != 2:
         raise ValueError(f"a mask must be single-channel (H, W), got an array of shape {array.shape}")
-    return tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(array != 0, dtype=np.uint8))[None])
+    return torch.from_numpy((array != 0).astype(np.uint8) * 255)[None]
 
 
 class PairedTransform:
     """Apply one geometric pipeline to an image and its mask, then scale and normalise the image.
 
     Args:
-        geometry: `transforms.v2` transforms on (tv_tensors.Image, tv_tensors.Mask); their random
-            parameters are drawn once per call and shared by image and mask.
+        geometry: geometric `transforms.v2` transforms (crop, resize, flip, ...); they see one uint8
+            `tv_tensors.Image` of 3 channels, or 4 with the mask, so their random parameters are drawn
+            once per call. Photometric transforms do not belong here (they would alter the mask channel).
         normalization: a key of `NORMALIZATIONS`.
     """
 
@@ -89,9 +96,8 @@ class PairedTransform:
                              f"valid names: {', '.join(sorted(NORMALIZATIONS))}")
         mean, std = NORMALIZATIONS[normalization]
         self.normalization = normalization
-        # ToDtype with a single dtype and Normalize touch only images, never masks.
-        self.pipeline = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True),
-                                    v2.Normalize(list(mean), list(std))])
+        self.geometry = v2.Compose(geometry)
+        self.finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
     def __call__(self, image: Image.Image, mask: Image.Image | np.ndarray | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,16 +108,17 @@ class PairedTransform:
         """
         img = image_to_tensor(image)  # uint8 (3, H, W)
         if mask is None:
-            return self.pipeline(img).as_subclass(torch.Tensor), None
+            return self.finish(self.geometry(img)).as_subclass(torch.Tensor), None
         m = mask_to_tensor(mask)  # uint8 (1, H, W)
         if m.shape[-2:] != img.shape[-2:]:
             raise ValueError(f"mask size {tuple(m.shape[-2:])} differs from image size "
                              f"{tuple(img.shape[-2:])} (H, W); datasets fit masks before transforming")
-        out, out_mask = self.pipeline(img, m)
-        return out.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor).bool()
+        both = self.geometry(tv_tensors.Image(torch.cat([img, m])))  # (4, H, W) -> (4, S, S)
+        out = self.finish(both[:3]).as_subclass(torch.Tensor)
+        return out, both[3:].as_subclass(torch.Tensor) >= 128  # (1, S, S) bool: most of the footprint
 
     def __repr__(self) -> str:
-        return f"PairedTransform({self.pipeline!r})"
+        return f"PairedTransform({self.geometry!r}, normalization={self.normalization!r})"
 
 
 def create_transform(train: bool, image_size: int = 224, resize_size: int | None = None,

@@ -1,0 +1,69 @@
+"""Model factory, small-image stem rule, CAM layers, local weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from sib.models import SMALL_IMAGE_LIMIT, cam_reshape, cam_target_layer, create_model
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names:.*resnet18"):
+        create_model("resnet19", 3)
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "small_cnn", "resnet18"])
+def test_forward_shape(name):
+    m = create_model(name, 5, image_size=32).eval()
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    assert m.sib_name == name and m.sib_num_classes == 5
+
+
+def test_resnet_stem_rule():
+    small = create_model("resnet18", 3, image_size=SMALL_IMAGE_LIMIT - 1)
+    big = create_model("resnet18", 3, image_size=224)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert big.conv1.kernel_size == (7, 7) and big.conv1.stride == (2, 2)
+    feats = {}
+    small.layer4.register_forward_hook(lambda m, i, o: feats.update(a=o.shape))  # returns None
+    small.eval()(torch.randn(1, 3, 64, 64))
+    assert feats["a"][-2:] == (4, 4)  # 64 px reaches layer4 as 4x4 (2x2 with the torchvision stem)
+
+
+def test_cam_target_layers_by_family():
+    r = create_model("resnet18", 3, 64)
+    assert cam_target_layer(r) is r.layer4
+    d = create_model("densenet121", 3, 64)
+    assert cam_target_layer(d) is d.features
+    v = create_model("vgg11_bn", 3, 64)
+    assert cam_target_layer(v) is v.features
+    t = create_model("tiny_cnn", 3)
+    assert cam_target_layer(t) is t.features
+    with pytest.raises(ValueError, match="target_layer"):
+        cam_target_layer(torch.nn.Linear(3, 3))
+
+
+def test_vit_cam_reshape_and_image_size():
+    vit = create_model("vit_b_32", 3, image_size=64)
+    assert isinstance(vit, torchvision.models.VisionTransformer) and vit.image_size == 64
+    assert cam_target_layer(vit) is vit.encoder.layers[-1].ln_1
+    tokens = torch.arange(2 * 5 * 4, dtype=torch.float32).view(2, 5, 4)  # 1 class token + 2x2 patches
+    vit_small = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=1,
+                                                     hidden_dim=4, mlp_dim=8, num_classes=3)
+    grid = cam_reshape(vit_small)(tokens)
+    assert grid.shape == (2, 4, 2, 2)
+    assert torch.equal(grid[0, :, 0, 1], tokens[0, 2])  # patch 1 (row 0, col 1) is token 2
+    assert cam_reshape(create_model("tiny_cnn", 3)) is None
+
+
+def test_pretrained_local_file(tmp_path):
+    a = create_model("tiny_cnn", 3)
+    torch.save(a.state_dict(), tmp_path / "w.pt")
+    b = create_model("tiny_cnn", 3, pretrained=tmp_path / "w.pt")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        create_model("tiny_cnn", 3, pretrained=tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        create_model("tiny_cnn", 4, pretrained=tmp_path / "w.pt")
