@@ -23,3 +23,9 @@ def tiny_config(out, **overrides) -> TrainConfig:
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return lambda out=None, **kw: tiny_config(out or tmp_path / "run", **kw)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_config():
+    """`tiny_config` itself, for module-scoped fixtures (conftest is not importable in importlib mode)."""
+    return tiny_config

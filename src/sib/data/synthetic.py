@@ -21,9 +21,12 @@ access order, any number of DataLoader workers and any machine give identical te
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -111,6 +114,26 @@ def _background(family: int, g: torch.Generator, size: int) -> torch.Tensor:
     return torch.round(rgb * 255.0).to(torch.uint8)
 
 
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits as (pixels (1797, 64), target (1797,)).
+
+    Read straight from the CSV that scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`), located
+    without importing scikit-learn: importing it costs ~3 s per process, more than generating a dataset.
+    Falls back to `sklearn.datasets.load_digits` if the file is not where that version keeps it.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1], data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.data, digits.target
+
+
 class SyntheticBenchmark(Dataset):
     """Digits on textures with a background shortcut; yields (image, label, mask).
 
@@ -160,11 +183,9 @@ class SyntheticBenchmark(Dataset):
     def _templates(cls, digit: int, held_out: bool) -> torch.Tensor:
         """The instances of one digit: (n, 8, 8) float32 in [0, 1]; train gets 2/3, the rest 1/3."""
         if cls._digits is None:
-            from sklearn.datasets import load_digits  # bundled with scikit-learn; imported only when needed
-
-            data = load_digits()
-            images = torch.as_tensor(data.images, dtype=torch.float32) / 16.0  # pixel values are 0..16
-            targets = torch.as_tensor(data.target)
+            pixels, target = _load_digits()
+            images = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 8, 8) / 16.0  # values are 0..16
+            targets = torch.as_tensor(target)
             cls._digits = [images[targets == d] for d in range(MAX_CLASSES)]
         instances = cls._digits[digit]
         keep = (torch.arange(len(instances)) % 3 == 0) == held_out
