@@ -67,6 +67,8 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test"])
     methods: list[str] = field(default_factory=lambda: ["grad_cam", "saliency"])
     metrics: list[str] = field(default_factory=lambda: ["energy_pointing_game"])
+    # per-method options, YAML only: {integrated_gradients: {n_steps: 16}}
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     target: str = "label"  # explain the true class ("label") or the predicted one ("pred")
     batch_size: int = 32
     max_images: int | None = None  # per split; None: the whole split

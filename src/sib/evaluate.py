@@ -112,6 +112,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     run_name = Path(cfg.checkpoint).name if Path(cfg.checkpoint).is_dir() else Path(cfg.checkpoint).stem
     methods = resolve_names(cfg.methods, EXPLAINERS)
     metrics = resolve_names(cfg.metrics, METRICS)
+    unknown = sorted(set(cfg.method_options) - set(methods))
+    if unknown:
+        raise ValueError(f"method_options names {unknown}, which are not among the methods evaluated {methods}")
     if cfg.target not in ("label", "pred"):
         raise ValueError(f"--target {cfg.target!r}: valid values are label, pred")
     out = Path(cfg.out) if cfg.out else (Path(cfg.checkpoint) if Path(cfg.checkpoint).is_dir()
@@ -144,7 +147,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             if (split, b) in done:
                 start += n
                 continue
-            batch_rows = _evaluate_batch(model, x.to(device), y.to(device), mask, methods, metrics, cfg.target)
+            batch_rows = _evaluate_batch(model, x.to(device), y.to(device), mask, methods, metrics, cfg.target,
+                                         cfg.method_options)
             for r in batch_rows:
                 r.update(split=split, batch=b, index=start + r["index"])
             with per_image.open("a") as f:  # rows, then the batch's end marker
@@ -172,7 +176,8 @@ def summarise(rows: list[dict[str, Any]], run_name: str) -> list[dict[str, Any]]
 
 
 def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
-                    methods: list[str], metrics: list[str], target_mode: str) -> list[dict[str, Any]]:
+                    methods: list[str], metrics: list[str], target_mode: str,
+                    method_options: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """All (image, method, metric) values of one batch as rows (index within the batch)."""
     with torch.no_grad():
         pred = model(x).argmax(dim=1)
@@ -184,7 +189,7 @@ def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: to
     mask = mask.to(x.device) if has_mask else torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=torch.bool,
                                                            device=x.device)
     for method in methods:
-        attr = explain(method, model, x, target)
+        attr = explain(method, model, x, target, **(method_options or {}).get(method, {}))
         for metric in metrics:
             spec = METRICS.get(metric)
             if spec.uses_mask and not has_mask:
