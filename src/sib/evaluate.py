@@ -112,9 +112,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     run_name = Path(cfg.checkpoint).name if Path(cfg.checkpoint).is_dir() else Path(cfg.checkpoint).stem
     methods = resolve_names(cfg.methods, EXPLAINERS)
     metrics = resolve_names(cfg.metrics, METRICS)
-    unknown = sorted(set(cfg.method_options) - set(methods))
-    if unknown:
-        raise ValueError(f"method_options names {unknown}, which are not among the methods evaluated {methods}")
+    for kind, options, names in (("method_options", cfg.method_options, methods),
+                                 ("metric_options", cfg.metric_options, metrics)):
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"{kind} names {unknown}, which are not among those evaluated: {names}")
     if cfg.target not in ("label", "pred"):
         raise ValueError(f"--target {cfg.target!r}: valid values are label, pred")
     out = Path(cfg.out) if cfg.out else (Path(cfg.checkpoint) if Path(cfg.checkpoint).is_dir()
@@ -148,7 +150,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                 start += n
                 continue
             batch_rows = _evaluate_batch(model, x.to(device), y.to(device), mask, methods, metrics, cfg.target,
-                                         cfg.method_options)
+                                         cfg.method_options, cfg.metric_options)
             for r in batch_rows:
                 r.update(split=split, batch=b, index=start + r["index"])
             with per_image.open("a") as f:  # rows, then the batch's end marker
@@ -177,7 +179,8 @@ def summarise(rows: list[dict[str, Any]], run_name: str) -> list[dict[str, Any]]
 
 def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
                     methods: list[str], metrics: list[str], target_mode: str,
-                    method_options: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                    method_options: dict[str, dict[str, Any]] | None = None,
+                    metric_options: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """All (image, method, metric) values of one batch as rows (index within the batch)."""
     with torch.no_grad():
         pred = model(x).argmax(dim=1)
@@ -194,7 +197,7 @@ def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: to
             spec = METRICS.get(metric)
             if spec.uses_mask and not has_mask:
                 continue  # localisation metrics need ground truth the dataset does not have
-            values = spec.fn(attr, mask, model=model, x=x, target=target)
+            values = spec.fn(attr, mask, model=model, x=x, target=target, **(metric_options or {}).get(metric, {}))
             for i, v in enumerate(values.tolist()):
                 rows.append({"index": i, "label": labels[i], "pred": preds[i], "method": method,
                              "metric": metric, "value": v})
