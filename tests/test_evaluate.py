@@ -101,3 +101,17 @@ def test_summarise_means_class_means_and_exclusions():
     assert c["ci95_high"] - c["value"] == pytest.approx(half)
     e = _summarise([math.nan], [0], "mean")
     assert math.isnan(e["value"]) and e["excluded"] == 1 and e["n"] == 0
+
+
+def test_method_and_metric_options_are_passed_and_checked(run, tmp_path):
+    strict = evaluate(_cfg(run, tmp_path, out=str(tmp_path / "t0"), metrics=["pointing_game"], methods=["saliency"],
+                           metric_options={"pointing_game": {"tolerance": 0}}))
+    loose = evaluate(_cfg(run, tmp_path, out=str(tmp_path / "t32"), metrics=["pointing_game"], methods=["saliency"],
+                          metric_options={"pointing_game": {"tolerance": 64}}))
+    value = {r["split"]: r["value"] for r in loose.summary if r["metric"] == "pointing_game"}
+    assert value == {"test": 1.0, "test_shifted": 1.0}  # 64 px reaches every pixel of a 32 px image
+    assert any(r["value"] < 1.0 for r in strict.summary if r["metric"] == "pointing_game")
+    with pytest.raises(ValueError, match="metric_options names \\['auroc'\\]"):
+        evaluate(_cfg(run, tmp_path, metric_options={"auroc": {}}, overwrite=True))
+    with pytest.raises(ValueError, match="method_options names \\['grad_cam_pp'\\]"):
+        evaluate(_cfg(run, tmp_path, method_options={"grad_cam_pp": {}}, overwrite=True))

@@ -114,6 +114,20 @@ def _background(family: int, g: torch.Generator, size: int) -> torch.Tensor:
     return torch.round(rgb * 255.0).to(torch.uint8)
 
 
+CACHE_LIMIT_BYTES = 1 << 30  # stop caching new samples beyond 1 GiB (e.g. many large 224 px splits)
+_SHARED_CACHE: dict[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _cache_bytes() -> int:
+    # (3,H,W) uint8 image + (1,H,W) bool mask = 4 bytes per pixel per sample
+    return sum(4 * key[2] ** 2 * len(samples) for key, samples in _SHARED_CACHE.items())
+
+
+def clear_cache() -> None:
+    """Free the generated samples that this process keeps (shared by all instances)."""
+    _SHARED_CACHE.clear()
+
+
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits as (pixels (1797, 64), target (1797,)).
 
@@ -175,7 +189,11 @@ class SyntheticBenchmark(Dataset):
         self.image_size, self.num_classes, self.rho, self.seed = image_size, num_classes, rho, seed
         self.normalization = normalization
         self.classes = list(DIGIT_NAMES[:num_classes])
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        # Shared by every instance of the same stream in this process: the demo builds each split several
+        # times (two training runs, two evaluations, the figure) and generation dominates small runs.
+        key = (seed, split, image_size, num_classes, rho)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
+            _SHARED_CACHE.setdefault(key, {}) if cache else None)
 
     _digits: list[torch.Tensor] | None = None  # per digit: (n, 8, 8) float32 in [0, 1]; loaded once
 
@@ -264,7 +282,7 @@ class SyntheticBenchmark(Dataset):
         cached = self._cache.get(i) if self._cache is not None else None
         if cached is None:
             cached = self._render(i)
-            if self._cache is not None:
+            if self._cache is not None and _cache_bytes() < CACHE_LIMIT_BYTES:
                 self._cache[i] = cached
         image_u8, mask = cached
         image, mask = image_u8.float() / 255.0, mask.clone()  # clone: callers may edit the mask in place
