@@ -1,9 +1,12 @@
 """Time and peak memory of a plain training step vs regularised steps, same model and batch, one run.
 
     python benchmarks/bench_step.py                       # ResNet-18, 64 px, batch 32, CPU
-    python benchmarks/bench_step.py --device cuda --image-size 224 --regularizers none sib rrr energy
+    python benchmarks/bench_step.py --device cuda --image-size 224 --regularizers none sib sib@4 rrr energy
 
-A step is: forward, cross-entropy (+ regulariser), backward, AdamW step. Each variant runs in its own
+A step is: forward, cross-entropy (+ regulariser), backward, AdamW step, built by `sib.step.step_loss`
+exactly as the trainer builds it (math attention kernel on regularised steps). A variant `name@K` is
+`--regularizer name --every K`: one regularised step then K-1 plain ones; its time is the amortised
+per-step cost, (time of the K steps) / K, the median over cycles. Each variant runs in its own
 subprocess so that peak memory is its own: on CPU the process's peak resident set size growth over the
 state before the first step; on CUDA `torch.cuda.max_memory_allocated`. The last line is
 `sib_over_plain: <ratio>` (median S-IB step time / median plain step time).
@@ -22,10 +25,13 @@ import time
 
 def run_variant(args: argparse.Namespace, regularizer: str) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from sib.models import create_model
     from sib.regularizers import create_regularizer
+    from sib.step import step_loss
+
+    name, _, every = regularizer.partition("@")
+    every = int(every or 1)
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -33,19 +39,21 @@ def run_variant(args: argparse.Namespace, regularizer: str) -> dict:
         torch.set_num_threads(args.threads)
     model = create_model(args.model, args.num_classes, args.image_size).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    reg = create_regularizer(regularizer)
+    reg = create_regularizer(name)
     x0 = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     mask = torch.zeros(args.batch_size, 1, args.image_size, args.image_size, dtype=torch.bool, device=device)
     mask[:, :, args.image_size // 4: 3 * args.image_size // 4, args.image_size // 4: 3 * args.image_size // 4] = True
 
-    def step() -> None:
-        x = x0.clone().requires_grad_(reg.needs_input_grad)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y) + reg(x, logits, y, mask).loss
+    def one(regularise: bool) -> None:
+        _, ce, r = step_loss(model, reg, x0.clone(), y, mask, regularise=regularise)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (ce if r is None else ce + r.loss).backward()
         opt.step()
+
+    def step() -> None:  # one cycle: a regularised step, then every - 1 plain ones
+        for k in range(every):
+            one(k == 0)
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
@@ -59,7 +67,7 @@ def run_variant(args: argparse.Namespace, regularizer: str) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t) / every)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -78,7 +86,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--regularizers", nargs="+", default=["none", "sib"])
+    p.add_argument("--regularizers", nargs="+", default=["none", "sib", "sib@4", "rrr", "energy"],
+                   help="registry names; name@K = every K-th step regularised (amortised per-step time)")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._variant:  # child process: one variant, result as JSON on the last line

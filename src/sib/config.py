@@ -72,8 +72,8 @@ class TrainConfig:
     eval_batches: int | None = None  # cap on batches per split (per process) in the per-epoch accuracy
     max_steps_per_epoch: int | None = None  # cap on training batches per epoch, for smoke runs (None: all)
     on_nonfinite: str = "stop"  # NaN/inf loss: "stop" the run, or "skip" the batch (counted in the log)
-    log_every: int = 10  # progress-bar refresh period in steps (the only per-step host syncs besides the
-    # finiteness check)
+    # progress-bar refresh period in steps: its loss readout and the finiteness check are the only host syncs
+    log_every: int = 10
     profile_steps: int = 3  # end-of-run timing of plain vs regularised steps for summary.json (0: off)
     tensorboard: bool = True  # also write TensorBoard scalars when the package is installed
 

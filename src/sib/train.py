@@ -1,9 +1,15 @@
-"""The training loop: one loop for every regulariser, dataset and model; CPU or GPU.
+"""The training loop: one loop for every regulariser, dataset and model; CPU, GPU, or torchrun DDP.
 
-A run folder holds: `config.json` (the resolved configuration), `log.jsonl` (one line per epoch),
-`checkpoint.pt` (the last completed epoch, written atomically), `best.pt` (best validation accuracy).
-Checkpoints are taken after each epoch; `--resume` continues from the last one. The data order of epoch e
-depends only on (seed, e), so a resumed run sees the same batches as an uninterrupted one.
+A run folder holds: `config.json` (the resolved configuration), `run.json` (git revision, torch version,
+world size of each start or resume), `log.jsonl` (one line per epoch), `checkpoint.pt` (the last completed
+epoch: model, optimizer, scheduler, scaler, RNG states; written atomically), `best.pt` (best validation
+accuracy), `summary.json` (best validation accuracy, time per step, the regulariser's measured share of a
+step), and `tensorboard/` when TensorBoard is installed.
+
+Checkpoints are per epoch: `--resume` (or a restart after Ctrl-C, which leaves the last one intact)
+continues from the start of the first unfinished epoch; a mid-epoch position is not saved. The data order
+of epoch e depends only on (seed, e), so a resumed run sees the same batches as an uninterrupted one.
+Under torchrun only rank 0 writes files (sib.distributed says what is per process and what is global).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,25 +26,34 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sib.config import TrainConfig, save_json, to_dict
 from sib.data import collate, create_dataset
 from sib.data.transforms import create_transform
+from sib.distributed import (
+    DistInfo,
+    EpochBatchSampler,
+    all_reduce_,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    shard_indices,
+)
+from sib.epoch import EpochLoop, NonFiniteLossError  # noqa: F401 (callers catch it from sib.train)
 from sib.io import atomic_torch_save, atomic_write_text, prepare_out_dir
 from sib.models import create_model
 from sib.regularizers import create_regularizer
+from sib.schedule import create_scheduler
+from sib.step import time_steps
 
 CHECKPOINT = "checkpoint.pt"
 # configuration fields that must agree between a checkpoint and the run that resumes or evaluates it
 _IDENTITY = ("dataset", "model", "image_size", "regularizer", "mask_source", "normalization")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the run stops and the last good checkpoint is kept."""
 
 
 @dataclass
@@ -71,18 +88,20 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
     return create_dataset(cfg.dataset, cfg.root, split, transform=transform, **options)
 
 
-def make_loader(ds: Dataset, batch_size: int, num_workers: int, shuffle_seed: int | None = None) -> DataLoader:
-    """Shuffled (seeded) loader for training, in-order loader for evaluation."""
-    sampler = None
+def make_loader(ds: Dataset, batch_size: int, num_workers: int, shuffle_seed: int | None = None,
+                indices: list[int] | None = None) -> DataLoader:
+    """In-order loader for evaluation (of `indices` only, when given: a process's shard); with
+    `shuffle_seed`, a seeded shuffled single-process training loader (the trainer uses EpochBatchSampler)."""
     if shuffle_seed is not None:
-        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(shuffle_seed))
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      drop_last=shuffle_seed is not None and len(ds) > batch_size)  # never a batch of 1 for HSIC
+        sampler = EpochBatchSampler(len(ds), batch_size, shuffle_seed)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)
+    return DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=collate)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader, device: torch.device, max_batches: int | None = None) -> float:
-    """Top-1 accuracy of `model` (put in eval mode, then restored) over `loader`."""
+def accuracy(model: nn.Module, loader: DataLoader, device: torch.device, max_batches: int | None = None,
+             info: DistInfo | None = None) -> float:
+    """Top-1 accuracy of `model` (put in eval mode, then restored) over `loader`, summed over processes."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -94,6 +113,9 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device, max_bat
         correct += (model(x).argmax(dim=1) == y).sum()
         n += y.numel()
     model.train(was_training)
+    if info is not None and info.enabled:  # every process evaluated its own shard
+        totals = all_reduce_(torch.stack([correct.double(), torch.tensor(float(n), device=device)]), info)
+        return totals[0].item() / max(totals[1].item(), 1)
     return correct.item() / max(n, 1)
 
 
@@ -142,97 +164,212 @@ def load_checkpoint(path: Path, expect: TrainConfig | None = None, num_classes: 
     return ckpt
 
 
-def _check_finite(step: int, terms: dict[str, torch.Tensor]) -> None:
-    bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise NonFiniteLossError(f"non-finite loss at step {step}: term(s) {', '.join(bad)} = "
-                                 f"{', '.join(str(terms[k].item()) for k in bad)}; the last good checkpoint "
-                                 f"is kept")
+def _validate(cfg: TrainConfig) -> None:
+    """Refuse option values the loop cannot honour, naming the flag."""
+    checks = [
+        (cfg.amp in ("none", "bf16", "fp16"), f"--amp {cfg.amp!r}: valid values are none, bf16, fp16"),
+        (cfg.reg_precision in ("fp32", "amp"), f"--reg-precision {cfg.reg_precision!r}: valid values are fp32, amp"),
+        (cfg.on_nonfinite in ("stop", "skip"), f"--on-nonfinite {cfg.on_nonfinite!r}: valid values are stop, skip"),
+        (cfg.every >= 1, f"--every {cfg.every}: must be >= 1 (1 regularises every step)"),
+        (cfg.accumulate >= 1, f"--accumulate {cfg.accumulate}: must be >= 1"),
+        (0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing {cfg.label_smoothing}: must be in [0, 1)"),
+        (cfg.grad_clip is None or cfg.grad_clip > 0, f"--grad-clip {cfg.grad_clip}: must be > 0 (or unset)"),
+        (cfg.max_steps_per_epoch is None or cfg.max_steps_per_epoch >= 1,
+         f"--max-steps-per-epoch {cfg.max_steps_per_epoch}: must be >= 1 (or unset)"),
+        (cfg.log_every >= 1, f"--log-every {cfg.log_every}: must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def git_revision(path: Path = Path(__file__).parent) -> tuple[str | None, bool | None]:
+    """(commit hash, has uncommitted changes) of the checkout holding `path`; (None, None) outside git."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=20)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None, None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def _record_session(out: Path, info: DistInfo, device: torch.device) -> None:
+    """Append this start (or resume) to `run.json`: git revision, versions, world size."""
+    path = out / "run.json"
+    sessions = json.loads(path.read_text())["sessions"] if path.exists() else []
+    revision, dirty = git_revision()
+    sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_revision": revision,
+                     "git_dirty": dirty, "torch": torch.__version__, "world_size": info.world_size,
+                     "device": str(device)})
+    save_json({"sessions": sessions}, path)
+
+
+def _tensorboard(cfg: TrainConfig, out: Path, info: DistInfo) -> Any:
+    if not (cfg.tensorboard and info.is_main):
+        return None
+    try:  # optional: TensorBoard is not a dependency
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a training run as configured; see the module docstring for the run folder."""
+    _validate(cfg)
     out = Path(cfg.out)
-    prepare_out_dir(out, CHECKPOINT, cfg.overwrite, cfg.resume)
     device = resolve_device(cfg.device)
+    info = init_distributed(device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        return _train(cfg, out, device, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) -> TrainResult:
+    error: Exception | None = None
+    if info.is_main:
+        try:
+            prepare_out_dir(out, CHECKPOINT, cfg.overwrite, cfg.resume)
+        except (FileExistsError, NotADirectoryError) as err:
+            error = err
+    error = broadcast_object(error, info)  # every process stops with rank 0's refusal, none waits forever
+    if error is not None:
+        raise error
     seed_everything(cfg.seed)
 
     train_ds = make_dataset(cfg, "train", train=True)
     num_classes = train_ds.num_classes
-    eval_loaders = {s: make_loader(make_dataset(cfg, s, train=False), cfg.batch_size, cfg.num_workers)
-                    for s in ["val", *cfg.eval_splits]}
+    eval_loaders = {}
+    for s in ["val", *cfg.eval_splits]:
+        ds = make_dataset(cfg, s, train=False)
+        eval_loaders[s] = make_loader(ds, cfg.batch_size, cfg.num_workers, indices=shard_indices(len(ds), info))
     reg = create_regularizer(cfg.regularizer, mask_source=cfg.mask_source, weight=cfg.reg_weight,
                              sib_bg_weight=cfg.sib_bg_weight, sib_fg_weight=cfg.sib_fg_weight,
                              sib_window=cfg.sib_window, sib_form=cfg.sib_form)
     if reg.needs_mask and not getattr(train_ds, "has_masks", False):
         raise ValueError(f"--regularizer {cfg.regularizer} (mask source {cfg.mask_source}) needs foreground "
                          f"masks, and dataset {cfg.dataset!r} has none")
-    model = create_model(cfg.model, num_classes, cfg.image_size, cfg.pretrained).to(device)
-    opt = make_optimizer(cfg, model)
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"--amp {cfg.amp!r}: valid values are none, bf16, fp16")
+    module = create_model(cfg.model, num_classes, cfg.image_size, cfg.pretrained).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    module = module.to(memory_format=memory_format)
+    # DDP at default settings: static_graph=True silently never syncs double-backprop gradients (DESIGN.md)
+    model = DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else module
+    opt = make_optimizer(cfg, module)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    batches_per_epoch = len(EpochBatchSampler(len(train_ds), cfg.batch_size, 0, info.rank, info.world_size,
+                                              cfg.max_steps_per_epoch))
+    sched = create_scheduler(opt, schedule=cfg.schedule, epochs=cfg.epochs,
+                             steps_per_epoch=math.ceil(batches_per_epoch / cfg.accumulate),
+                             warmup_epochs=cfg.warmup_epochs, step_epochs=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
 
     history: list[dict[str, Any]] = []
     start_epoch, best_val = 0, -math.inf
     if cfg.resume and (out / CHECKPOINT).exists():
         ckpt = load_checkpoint(out, expect=cfg, num_classes=num_classes)
-        model.load_state_dict(ckpt["model"])
+        module.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+        if "scheduler" in ckpt:
+            sched.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         start_epoch, history, best_val = ckpt["epoch"], ckpt["history"], ckpt["best_val"]
-    save_json(to_dict(cfg), out / "config.json")
+    if info.is_main:
+        save_json(to_dict(cfg), out / "config.json")
+        _record_session(out, info, device)
+    tb = _tensorboard(cfg, out, info)
+    loss_options = {"amp_dtype": amp_dtype, "reg_precision": cfg.reg_precision,
+                    "label_smoothing": cfg.label_smoothing}
+    loop = EpochLoop(cfg, model, module, reg, opt, sched, scaler, device, info, loss_options)
 
-    step = start_epoch * (len(train_ds) // cfg.batch_size)
-    for epoch in range(start_epoch, cfg.epochs):
-        loader = make_loader(train_ds, cfg.batch_size, cfg.num_workers, shuffle_seed=cfg.seed * 1_000_003 + epoch)
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen, t0 = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"{cfg.regularizer} epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for x, y, mask in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True) if mask is not None else None
-            x.requires_grad_(reg.needs_input_grad)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(x)
-            ce = F.cross_entropy(logits.float(), y)
-            r = reg(x, logits, y, mask)
-            loss = ce + r.loss
-            _check_finite(step, {"ce": ce, cfg.regularizer: r.loss})
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            for k, v in {"ce": ce.detach(), "reg": r.loss.detach(), **r.parts}.items():
-                sums[k] = sums.get(k, torch.zeros((), device=device)) + torch.nan_to_num(v.float(), nan=0.0)
-            correct += (logits.detach().argmax(dim=1) == y).sum()
-            seen += y.numel()
-            step += 1
-            if step % 10 == 0:
-                bar.set_postfix(ce=f"{sums['ce'].item() / bar.n if bar.n else 0:.3f}")
-        n_batches = max(bar.n, 1)
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step,
-                               **{k: v.item() / n_batches for k, v in sums.items()},
-                               "train_acc": correct.item() / max(seen, 1),
-                               "sec_per_step": (time.perf_counter() - t0) / n_batches}
-        for split, eval_loader in eval_loaders.items():
-            row[f"{split}_acc"] = accuracy(model, eval_loader, device, cfg.eval_batches)
-        history.append(row)
-        improved = row["val_acc"] > best_val
-        best_val = max(best_val, row["val_acc"])
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch + 1, "history": history, "best_val": best_val, "rng": _rng_state(),
-                 "config": to_dict(cfg), "num_classes": num_classes, "classes": list(getattr(train_ds, "classes", []))}
-        atomic_torch_save(state, out / CHECKPOINT)
-        if improved:
-            atomic_torch_save({k: state[k] for k in ("model", "epoch", "config", "num_classes", "classes")},
-                              out / "best.pt")
-        atomic_write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    return TrainResult(out=out, history=history, model=model)
+    step = start_epoch * batches_per_epoch
+    epoch = saved = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler = EpochBatchSampler(len(train_ds), cfg.batch_size, cfg.seed * 1_000_003 + epoch, info.rank,
+                                        info.world_size, cfg.max_steps_per_epoch)
+            loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate)
+            row, step = loop.run(loader, epoch, step)
+            for split, eval_loader in eval_loaders.items():
+                row[f"{split}_acc"] = accuracy(module, eval_loader, device, cfg.eval_batches, info)
+            history.append(row)
+            improved = row["val_acc"] > best_val
+            best_val = max(best_val, row["val_acc"])
+            if info.is_main:
+                _save_epoch(out, cfg, module, opt, sched, scaler, epoch, history, best_val, improved, num_classes,
+                            list(getattr(train_ds, "classes", [])))
+                saved = epoch + 1
+                if tb is not None:
+                    for k, v in row.items():
+                        if isinstance(v, float):
+                            tb.add_scalar(k, v, row["step"])
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            barrier(info)
+    except KeyboardInterrupt:
+        if info.is_main:
+            kept = f"holds epoch {saved}, intact" if saved else "was not written (no epoch done)"
+            print(f"interrupted in epoch {epoch + 1} at step {step}: {out / CHECKPOINT} {kept}; rerun with --resume "
+                  f"to continue", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if tb is not None:
+            tb.close()
+    if info.is_main and history:
+        _write_summary(out, cfg, module, reg, eval_loaders["val"], history, device, loss_options)
+    return TrainResult(out=out, history=history, model=module)
+
+
+def _save_epoch(out: Path, cfg: TrainConfig, module: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                scaler: torch.amp.GradScaler, epoch: int, history: list[dict], best_val: float, improved: bool,
+                num_classes: int, classes: list[str]) -> None:
+    """checkpoint.pt (everything a resume needs), best.pt when validation improved, then log.jsonl.
+
+    Checkpoints are per epoch: a resume restarts the interrupted epoch from its first batch.
+    """
+    state = {"model": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "best_val": best_val,
+             "rng": _rng_state(), "config": to_dict(cfg), "num_classes": num_classes, "classes": classes}
+    atomic_torch_save(state, out / CHECKPOINT)
+    if improved:
+        atomic_torch_save({k: state[k] for k in ("model", "epoch", "config", "num_classes", "classes")},
+                          out / "best.pt")
+    atomic_write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _write_summary(out: Path, cfg: TrainConfig, module: nn.Module, reg: Any, val_loader: DataLoader,
+                   history: list[dict], device: torch.device, loss_options: dict) -> None:
+    """summary.json: best validation accuracy, time per step, and the regulariser's share of a step.
+
+    The share is measured, not estimated: `profile_steps` plain and regularised steps are timed on one
+    validation batch with a copy of the final model (sib.step.time_steps), share = 1 - plain / regularised;
+    with `--every K` the amortised share is (reg - plain) / (reg + (K - 1) * plain).
+    """
+    best = max(history, key=lambda r: r["val_acc"])
+    summary: dict[str, Any] = {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+                               "epochs": history[-1]["epoch"], "steps": history[-1]["step"],
+                               "sec_per_step": sum(r["sec_per_step"] for r in history) / len(history),
+                               "skipped_batches": sum(r.get("skipped", 0) for r in history)}
+    if cfg.profile_steps > 0 and len(val_loader.dataset) >= 2:
+        x, y, mask = next(iter(val_loader))
+        batch = (x.to(device).to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format),
+                 y.to(device), mask.to(device) if mask is not None else None)
+        timing = time_steps(module, reg, lambda m: make_optimizer(cfg, m), batch, cfg.profile_steps, **loss_options)
+        summary.update(timing)
+        if "reg_step_s" in timing:
+            plain, regd, k = timing["plain_step_s"], timing["reg_step_s"], cfg.every
+            summary["reg_share"] = 1.0 - plain / regd
+            summary["reg_share_amortised"] = (regd - plain) / (regd + (k - 1) * plain)
+    save_json(summary, out / "summary.json")
+    tqdm.write("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in summary.items()))
