@@ -89,15 +89,19 @@ def _input_grad(outputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return g.float()
 
 
-@REGULARIZERS.register("rrr")
-class RRRRegularizer(Regularizer):
-    """Ross et al. 2017: weight * mean_b sum_{background pixels, channels} (d sum_k log p_k / dx)^2."""
+class _MaskSupervised(Regularizer):
+    """A ground-truth-mask regulariser with one weight (RRR, energy)."""
 
     needs_mask = True
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         self.weight = weight
+
+
+@REGULARIZERS.register("rrr")
+class RRRRegularizer(_MaskSupervised):
+    """Ross et al. 2017: weight * mean_b sum_{background pixels, channels} (d sum_k log p_k / dx)^2."""
 
     def forward(self, x, logits, y, mask):
         fg = self._require_mask(mask, x)
@@ -107,14 +111,8 @@ class RRRRegularizer(Regularizer):
 
 
 @REGULARIZERS.register("energy")
-class EnergyRegularizer(Regularizer):
+class EnergyRegularizer(_MaskSupervised):
     """Rao et al. 2023: weight * mean_b (1 - EPG) of relu(channel-summed input gradient of logit_y)."""
-
-    needs_mask = True
-
-    def __init__(self, weight: float = 1.0) -> None:
-        super().__init__()
-        self.weight = weight
 
     def forward(self, x, logits, y, mask):
         fg = self._require_mask(mask, x).float()
@@ -138,6 +136,6 @@ def create_regularizer(name: str, mask_source: str = "adaptive", weight: float =
                    window=sib_window, form=sib_form)
     if mask_source != "adaptive":
         raise ValueError(f"--mask-source {mask_source!r} applies to --regularizer sib only, not {name!r}")
-    if cls in (RRRRegularizer, EnergyRegularizer):
+    if issubclass(cls, _MaskSupervised):
         return cls(weight=weight)
     return cls()
