@@ -32,6 +32,8 @@ METHODS = ["grad_cam", "grad_cam_pp", "xgrad_cam", "layer_cam", "eigen_cam", "sa
 METRICS = ["energy_pointing_game", "pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy",
            "topk_iou", "auroc"]
 SPLITS = ["test", "test_shifted"]
+# two CAMs and two gradient maps in the figure (XGrad-CAM would repeat Grad-CAM: same weights on GAP heads)
+FIGURE_METHODS = ["grad_cam", "eigen_cam", "saliency", "input_x_gradient"]
 
 
 def demo_configs(out: Path, quick: bool, seed: int, device: str, epochs: int | None) -> tuple[TrainConfig, EvalConfig]:
@@ -100,7 +102,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         summaries[name] = result.summary
     rows = comparison_rows(summaries)
     write_table(rows, out / "comparison")
-    figures = [draw_heatmaps(out, split, ev.methods[:3], 4 if quick else 6, resolve_device(device))
+    shown = [m for m in FIGURE_METHODS if m in ev.methods]
+    figures = [draw_heatmaps(out, split, shown, 4 if quick else 6, resolve_device(device))
                for split in ev.splits]
     print()
     print(to_markdown(rows, ["split", "method", "metric", "ce", "sib", "sib_minus_ce", "ce_ci95", "sib_ci95", "n"]))

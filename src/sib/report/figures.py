@@ -20,8 +20,9 @@ def heatmap_grid(images: torch.Tensor, masks: torch.Tensor | None, columns: dict
     Args:
         images: (N, 3, H, W) float in [0, 1] (denormalised).
         masks: (N, 1, H, W) bool ground truth, or None.
-        columns: column title -> (N, 1, H, W) attribution; each map is min-max normalised per image for
-            display and drawn over a faded copy of the input, with the mask's outline.
+        columns: column title -> (N, 1, H, W) attribution, drawn over a faded copy of the input with the
+            mask's outline: a non-negative map min-max normalised per image (jet), a signed map divided by
+            its largest magnitude (blue negative, red positive).
         path: PNG file to write (atomically).
         row_labels: optional text left of each row (e.g. "label 3").
         title: optional figure title.
@@ -49,9 +50,12 @@ def heatmap_grid(images: torch.Tensor, masks: torch.Tensor | None, columns: dict
                 ax.imshow(masks[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             else:
                 a = attr[i, 0].float()
-                a = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12)
+                if (a < 0).any():  # signed map: keep zero at the centre of a diverging scale
+                    a, cmap, vmin = a / a.abs().max().clamp_min(1e-12), "bwr", -1
+                else:
+                    a, cmap, vmin = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12), "jet", 0
                 ax.imshow(img * 0.35 + 0.65 * img.mean(axis=2, keepdims=True) * 0.35)
-                ax.imshow(a.cpu().numpy(), cmap="jet", alpha=0.6, vmin=0, vmax=1)
+                ax.imshow(a.cpu().numpy(), cmap=cmap, alpha=0.6, vmin=vmin, vmax=1)
                 if masks is not None:
                     ax.contour(masks[i, 0].cpu().numpy().astype(float), levels=[0.5], colors="white",
                                linewidths=0.6)
