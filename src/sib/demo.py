@@ -36,7 +36,7 @@ SPLITS = ["test", "test_shifted"]
 FIGURE_METHODS = ["grad_cam", "eigen_cam", "saliency", "input_x_gradient"]
 
 
-def demo_configs(out: Path, quick: bool, seed: int, device: str, epochs: int | None) -> tuple[TrainConfig, EvalConfig]:
+def demo_configs(quick: bool, seed: int, device: str, epochs: int | None) -> tuple[TrainConfig, EvalConfig]:
     """The demo's budget: full (minutes on 2 CPU cores) or quick (seconds, for tests)."""
     base = TrainConfig(dataset="synthetic", model="small_cnn", image_size=64, optimizer="adamw", lr=1e-3,
                        batch_size=32, epochs=8, seed=seed, device=device, eval_splits=list(SPLITS))
@@ -90,7 +90,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     """Train CE and S-IB, evaluate both, print and write the comparison and the heatmap figure."""
     out = Path(out)
     prepare_out_dir(out, "comparison.json", overwrite, resume=False)
-    base, ev = demo_configs(out, quick, seed, device, epochs)
+    base, ev = demo_configs(quick, seed, device, epochs)
     t0 = time.perf_counter()
     summaries = {}
     for name, regularizer in RUNS.items():

@@ -191,14 +191,18 @@ def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: to
     has_mask = mask is not None
     mask = mask.to(x.device) if has_mask else torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=torch.bool,
                                                            device=x.device)
+    keys, values = [], []  # every (method, metric) of the batch, moved to the host in one transfer
     for method in methods:
         attr = explain(method, model, x, target, **(method_options or {}).get(method, {}))
         for metric in metrics:
             spec = METRICS.get(metric)
             if spec.uses_mask and not has_mask:
                 continue  # localisation metrics need ground truth the dataset does not have
-            values = spec.fn(attr, mask, model=model, x=x, target=target, **(metric_options or {}).get(metric, {}))
-            for i, v in enumerate(values.tolist()):
-                rows.append({"index": i, "label": labels[i], "pred": preds[i], "method": method,
-                             "metric": metric, "value": v})
+            keys.append((method, metric))
+            values.append(spec.fn(attr, mask, model=model, x=x, target=target,
+                                  **(metric_options or {}).get(metric, {})).float())
+    host = torch.stack(values).tolist() if values else []  # (M, B) -> lists
+    for (method, metric), vs in zip(keys, host, strict=True):
+        rows += [{"index": i, "label": labels[i], "pred": preds[i], "method": method, "metric": metric,
+                  "value": v} for i, v in enumerate(vs)]
     return rows
