@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +31,23 @@ def tiny_cfg(tmp_path):
 def make_tiny_config():
     """`tiny_config` itself, for module-scoped fixtures (conftest is not importable in importlib mode)."""
     return tiny_config
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # the team's read-only data beside the clone
+
+
+@pytest.fixture(scope="session")
+def shared_path():
+    """shared_path(rel) -> ../shared/<rel>. Where it is absent: a skip on a developer's machine, a failure
+    under CI (environment variable CI set and not "0"/"false"): a skip there would hide an untested path."""
+
+    def get(rel: str) -> Path:
+        path = SHARED / rel
+        if not path.exists():
+            why = f"{path} absent (the team's read-only ../shared/ is not beside this clone)"
+            if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+                pytest.fail(f"{why}; CI is set, where a skip counts as a failure", pytrace=False)
+            pytest.skip(why)
+        return path
+
+    return get

@@ -8,11 +8,19 @@ import sys
 
 from PIL import Image
 
+from sib.demo import RUNS
+from sib.run_dir import DEMO
+from sib.train import train
 
-def test_quick_demo_prints_and_writes_the_comparison(tmp_path):
+
+def _demo(out, *flags):
+    return subprocess.run([sys.executable, "-m", "sib", "demo", "--quick", "--out", str(out), "--device", "cpu",
+                           *flags], capture_output=True, text=True, timeout=600)
+
+
+def test_quick_demo_prints_and_writes_the_comparison_and_runs_again_with_overwrite(tmp_path):
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "sib", "demo", "--quick", "--out", str(out), "--device", "cpu"],
-                         capture_output=True, text=True, timeout=600)
+    res = _demo(out)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| split | method | metric | ce | sib | sib_minus_ce |" in res.stdout
     rows = json.loads((out / "comparison.json").read_text())
@@ -21,8 +29,14 @@ def test_quick_demo_prints_and_writes_the_comparison(tmp_path):
         assert (split, "-", "accuracy") in keys
         assert (split, "grad_cam", "energy_pointing_game") in keys
         assert (split, "saliency", "energy_pointing_game") in keys
+    # each column comes from its own run's evaluation summary, not from the comparison table itself
+    runs = {name: {(r["split"], r["method"], r["metric"]): r["value"]
+                   for r in json.loads((out / name / "eval" / "summary.json").read_text())} for name in RUNS}
+    assert len(rows) == len(runs["ce"]) == len(runs["sib"])
     for r in rows:
-        assert abs(r["sib_minus_ce"] - (r["sib"] - r["ce"])) < 1e-12
+        key = (r["split"], r["method"], r["metric"])
+        assert (r["ce"], r["sib"]) == (runs["ce"][key], runs["sib"][key])
+        assert r["sib_minus_ce"] == runs["sib"][key] - runs["ce"][key]
     for split in ("test", "test_shifted"):
         with Image.open(out / f"heatmaps_{split}.png") as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 300
@@ -32,3 +46,27 @@ def test_quick_demo_prints_and_writes_the_comparison(tmp_path):
     again = subprocess.run([sys.executable, "-m", "sib", "demo", "--quick", "--out", str(out)], capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+    # `make demo` twice: --overwrite replaces the demo's files and keeps the user's
+    (out / "notes.txt").write_text("mine")
+    (out / "ce" / "notes.txt").write_text("mine too")
+    ce_log = (out / "ce" / "log.jsonl").read_text()
+    res = _demo(out, "--overwrite")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "ce" / "notes.txt").read_text() == "mine too"
+    assert (out / "ce" / "log.jsonl").read_text() != ce_log  # rewritten (each row carries its measured step time)
+    assert (out / "comparison.json").is_file()
+
+
+def test_demo_without_overwrite_leaves_an_existing_run_alone(tmp_path, make_tiny_config):
+    """The demo used to pass overwrite=True to its sub-runs, wiping `out/ce` without being asked."""
+    out = tmp_path / "demo"
+    train(make_tiny_config(out / "ce", profile_steps=0))
+    (out / "ce" / "thesis.tex").write_text("chapter 1")
+    before = {p.name: p.read_bytes() for p in (out / "ce").iterdir()}
+    res = _demo(out)
+    assert res.returncode == 2 and "sib demo: error: --out" in res.stderr and "pass --overwrite" in res.stderr
+    assert {p.name: p.read_bytes() for p in (out / "ce").iterdir()} == before
+
+
+def test_demo_folder_kind_knows_the_demo_runs():
+    assert set(DEMO.children) == set(RUNS)

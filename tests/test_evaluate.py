@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 
 import pytest
 
@@ -36,14 +38,38 @@ def test_summary_rows_and_accuracy_match_training_log(run, tmp_path):
             for k in ("energy_pointing_game", "pointing_game"):
                 assert (split, m, k) in keys
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    best = max(log, key=lambda r: r["val_acc"])  # the default weights: best.pt, the first epoch of best val_acc
     acc = {r["split"]: r["value"] for r in result.summary if r["metric"] == "accuracy"}
-    assert acc["test"] == pytest.approx(log[-1]["test_acc"])
-    assert acc["test_shifted"] == pytest.approx(log[-1]["test_shifted_acc"])
+    assert acc["test"] == pytest.approx(best["test_acc"])
+    assert acc["test_shifted"] == pytest.approx(best["test_shifted_acc"])
     for r in result.summary:
         assert r["n"] + r["excluded"] == 64
         assert 0.0 <= r["value"] <= 1.0 and r["ci95_low"] <= r["value"] <= r["ci95_high"]
     for ext in ("csv", "json", "md"):
         assert (result.out / f"summary.{ext}").is_file()
+
+
+@pytest.mark.parametrize("weights", ["best", "last"])
+def test_weights_choice_is_used_and_recorded(run, tmp_path, weights):
+    result = evaluate(_cfg(run, tmp_path, weights=weights, splits=["test"], methods=["saliency"]))
+    file = run / {"best": "best.pt", "last": "checkpoint.pt"}[weights]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    row = max(log, key=lambda r: r["val_acc"]) if weights == "best" else log[-1]
+    recorded = json.loads((result.out / "eval_config.json").read_text())
+    assert recorded["weights"] == weights
+    assert recorded["evaluated_weights"] == {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                                             "epoch": row["epoch"], "step": row["step"]}
+    acc = next(r["value"] for r in result.summary if r["metric"] == "accuracy")
+    assert acc == pytest.approx(row["test_acc"])
+
+
+def test_missing_best_weights_say_how_to_use_the_last(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("best.pt", "eval"))
+    with pytest.raises(FileNotFoundError, match="no best.pt .*pass --weights last"):
+        evaluate(_cfg(tmp_path / "run", tmp_path))
+    with pytest.raises(ValueError, match="--weights 'final': valid values are best, last"):
+        evaluate(_cfg(tmp_path / "run", tmp_path, weights="final"))
+    assert evaluate(_cfg(tmp_path / "run", tmp_path, weights="last", methods=["saliency"])).summary
 
 
 def test_interrupted_evaluation_resumes_without_recomputing(run, tmp_path):

@@ -1,10 +1,12 @@
-"""Atomic writes and the output-folder guard."""
+"""Atomic writes: the old file or the new one, never a mix, no temporary left; a failed write names the file."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
-from sib.io import atomic_torch_save, atomic_write_text, prepare_out_dir
+from sib.io import atomic_torch_save, atomic_write_text
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -30,16 +32,19 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     assert [q.name for q in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-def test_prepare_out_dir_guards_previous_runs(tmp_path):
-    out = tmp_path / "run"
-    prepare_out_dir(out, "checkpoint.pt", overwrite=False, resume=False)
-    (out / "checkpoint.pt").write_text("x")
-    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
-        prepare_out_dir(out, "checkpoint.pt", overwrite=False, resume=False)
-    prepare_out_dir(out, "checkpoint.pt", overwrite=False, resume=True)
-    assert (out / "checkpoint.pt").exists()
-    prepare_out_dir(out, "checkpoint.pt", overwrite=True, resume=False)
-    assert not (out / "checkpoint.pt").exists()
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError, match="not a folder"):
-        prepare_out_dir(tmp_path / "file", "checkpoint.pt", overwrite=False, resume=False)
+def test_os_error_inside_torch_save_is_reported_as_that_error_naming_the_file(tmp_path):
+    """torch.save turns a failed write into a RuntimeError; the writer reports the OSError behind it."""
+    p = tmp_path / "ckpt.pt"
+    atomic_torch_save({"ok": 1}, p)
+    before = p.read_bytes()
+
+    class FullDisk:
+        def __reduce__(self):  # raised while torch.save streams the pickle into the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"could not write .*ckpt.pt \(No space left on device\); the previous file "
+                                      r"is unchanged") as err:
+        atomic_torch_save({"x": FullDisk()}, p)
+    assert err.value.errno == errno.ENOSPC
+    assert p.read_bytes() == before
+    assert [q.name for q in tmp_path.iterdir()] == ["ckpt.pt"]

@@ -1,4 +1,11 @@
-"""The S-IB regulariser against the reference's golden vectors, closed forms and autograd."""
+"""The S-IB regulariser against the reference's golden vectors, closed forms and autograd.
+
+Golden data: tests/fixtures/sib_golden_s64.npz (two images of the reference's 64 px case: R and its mask M,
+vendored from ../shared/golden, see tests/fixtures/make_sib_golden_s64.py) always runs; the full file in
+../shared/golden (batch-level HSIC, background term and gradient, also at 224 px) runs where it is present
+and is a failure, not a skip, under CI. The adaptive mask is also checked against a full-sort reference
+written out here from PAPER.md.
+"""
 
 from __future__ import annotations
 
@@ -22,14 +29,17 @@ from sib.loss import (
     vjp_map,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "sib_reference_vectors.npz"
+VENDORED = Path(__file__).resolve().parent / "fixtures" / "sib_golden_s64.npz"
 
 
 @pytest.fixture(scope="module")
-def golden():
-    if not GOLDEN.is_file():
-        pytest.skip(f"golden vectors absent: {GOLDEN} (the team's read-only ../shared/ is not beside this clone)")
-    return np.load(GOLDEN)
+def golden(shared_path):
+    return np.load(shared_path("golden/sib_reference_vectors.npz"))
+
+
+@pytest.fixture(scope="module")
+def vendored():
+    return np.load(VENDORED)
 
 
 def _reference_soft_quantile(values: torch.Tensor, q: float, temperature: float = 0.1) -> torch.Tensor:
@@ -39,6 +49,33 @@ def _reference_soft_quantile(values: torch.Tensor, q: float, temperature: float 
     idx = torch.arange(n, dtype=values.dtype)
     w = torch.softmax(-(idx - q * (n - 1)).abs() / temperature, dim=0)
     return (s * w).sum(dim=1)
+
+
+def _reference_adaptive_mask(R: torch.Tensor, window: int, temperature: float = 0.1,
+                             slope: float = 10.0) -> torch.Tensor:
+    """PAPER.md's adaptive mask step by step: full-sort soft quantiles, avg_pool2d counting zero padding."""
+    B = R.shape[0]
+
+    def q(t: torch.Tensor, level: float) -> torch.Tensor:  # (B, 1, H, W) -> (B, 1, 1, 1)
+        return _reference_soft_quantile(t.flatten(1), level, temperature).view(B, 1, 1, 1)
+
+    g = R.mean(dim=1, keepdim=True).abs()  # |mean over channels|: mean first, then abs
+    lo, hi = q(g, 0.05), q(g, 0.95)
+    gn = (g - lo) / (hi - lo + 1e-8)
+    h = torch.sigmoid(slope * (gn - q(gn, 0.8)))
+    d = F.avg_pool2d(h, kernel_size=window, stride=1, padding=window // 2, count_include_pad=True)
+    return torch.sigmoid(slope * (d - q(d, 0.8)))
+
+
+def _structured_R(b: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """A VJP-like map: a signed blob (the 'object') with per-channel noise, so the mask is not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64),
+                            torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij")
+    centre = torch.rand(b, 2, 1, 1, generator=g, dtype=torch.float64) - 0.5
+    blob = torch.exp(-((yy - centre[:, :1]) ** 2 + (xx - centre[:, 1:]) ** 2) / 0.1)  # (B, 1, H, W)
+    sign = torch.randn(b, 3, 1, 1, generator=g, dtype=torch.float64)
+    return 0.05 * sign * blob + 0.01 * torch.randn(b, 3, h, w, generator=g, dtype=torch.float64)
 
 
 def _regulariser_on_R(R: torch.Tensor, x: torch.Tensor, window: int = 31):
@@ -60,7 +97,8 @@ def test_golden_vectors(golden, case, dtype):
     assert M.shape == (R.shape[0], 1, *R.shape[2:])
     np.testing.assert_allclose(M[:, 0].detach().double().numpy(), golden[f"{case}_mask"], atol=1e-5, rtol=0)
     assert abs(h.item() - float(golden[f"{case}_hsic"])) < 1e-5
-    assert abs(bg.item() - float(golden[f"{case}_bg"])) < 1e-5
+    # relative: bg is ~3e-4, and a batch-pooled variance is within 1e-5 of it (2.6% off) at 64 px
+    assert bg.item() == pytest.approx(float(golden[f"{case}_bg"]), rel=1e-4)
     assert abs(reg.item() - float(golden[f"{case}_reg"])) < 1e-3  # dominated by 1000*exp(~0)
     g_ref = torch.tensor(golden[f"{case}_dreg_dR"], dtype=torch.float64)
     cos = F.cosine_similarity(R.grad.double().flatten(), g_ref.flatten(), dim=0)
@@ -73,8 +111,58 @@ def test_spatial_ib_matches_golden_parts(golden):
     x = torch.tensor(golden["s64_x"], dtype=torch.float64)
     terms = SpatialIB(window=31)(x, logits=torch.zeros(R.shape[0], 3), R=R)
     assert abs(terms.hsic.item() - float(golden["s64_hsic"])) < 1e-5
-    assert abs(terms.background.item() - float(golden["s64_bg"])) < 1e-5
+    assert terms.background.item() == pytest.approx(float(golden["s64_bg"]), rel=1e-4)
     assert abs(terms.loss.item() - float(golden["s64_reg"])) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adaptive_mask_matches_vendored_golden(vendored, dtype):
+    """The reference's own masks of two 64 px images (window 31), in the repository: no ../shared needed."""
+    R = torch.tensor(vendored["R"], dtype=dtype)
+    M = adaptive_mask(R, window=int(vendored["window"]))
+    assert M.shape == (2, 1, 64, 64) and M.dtype == dtype
+    np.testing.assert_allclose(M[:, 0].double().numpy(), vendored["mask"], atol=1e-5, rtol=0)
+    assert 0.05 < float(vendored["mask"].mean()) < 0.95 and vendored["mask"].std() > 0.1  # not a constant mask
+
+
+def test_background_term_on_vendored_golden_mask(vendored):
+    """bg = mean over images of each image's unbiased variance of R * (1 - M), here from the golden M."""
+    R = torch.tensor(vendored["R"], dtype=torch.float64)
+    M = torch.tensor(vendored["mask"], dtype=torch.float64)[:, None]
+    per_image = [np.var((r * (1 - m)).ravel(), ddof=1) for r, m in zip(vendored["R"].astype(np.float64),
+                                                                       vendored["mask"].astype(np.float64)[:, None],
+                                                                       strict=True)]
+    assert background_term(R, M).item() == pytest.approx(float(np.mean(per_image)), rel=1e-9)
+
+
+def test_background_term_is_the_mean_of_per_image_variances():
+    """Closed form: two constant images (each variance 0) and one +-1 checkerboard (variance n / (n-1))."""
+    R = torch.zeros(3, 3, 4, 4, dtype=torch.float64)
+    R[0], R[1] = 2.0, -2.0  # a batch-pooled variance would be ~8/3 here; per image it is 0
+    R[2] = torch.where((torch.arange(4)[:, None] + torch.arange(4)[None]) % 2 == 0, 1.0, -1.0)
+    n = 3 * 4 * 4
+    want = (0 + 0 + n / (n - 1)) / 3
+    assert background_term(R, torch.zeros(3, 1, 4, 4, dtype=torch.float64)).item() == pytest.approx(want, rel=1e-12)
+    half = torch.zeros(3, 1, 4, 4, dtype=torch.float64)
+    half[..., :2] = 1.0  # M = 1 on the left half: R * (1 - M) keeps the right half only, zeros elsewhere
+    kept = (R * (1 - half)).flatten(1)
+    want = sum(float(np.var(k.numpy(), ddof=1)) for k in kept) / 3
+    assert background_term(R, half).item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("shape,window", [((2, 16, 16), 5), ((3, 64, 64), None), ((2, 64, 64), 31),
+                                          ((2, 24, 40), 7), ((2, 32, 32), 1)])
+def test_adaptive_mask_equals_full_sort_reference(shape, window):
+    """Independent of sib.loss: full sort for every quantile, avg_pool2d counting the zero padding."""
+    b, h, w = shape
+    R = _structured_R(b, h, w, seed=h + w).requires_grad_(True)
+    ours = adaptive_mask(R, window=window)
+    ref = _reference_adaptive_mask(R, default_window(h, w) if window is None else window)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    assert ref.std() > 0.1  # not a constant mask: a wrong quantile or pooling moves it
+    (g1,) = torch.autograd.grad((ours * torch.linspace(0, 1, ours.numel(), dtype=ours.dtype).view_as(ours)).sum(), R)
+    (g2,) = torch.autograd.grad((ref * torch.linspace(0, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum(), R)
+    torch.testing.assert_close(g1, g2, atol=1e-6 * g2.abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("q", [0.05, 0.8, 0.95, 0.0, 1.0, 0.5])

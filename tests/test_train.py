@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from sib.run_dir import save_checkpoint
 from sib.train import CHECKPOINT, NonFiniteLossError, git_revision, load_checkpoint, train
 
 
@@ -64,9 +65,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     while not (tmp_path / "run" / CHECKPOINT).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished: otherwise the resume below would do nothing
     done = load_checkpoint(tmp_path / "run")["epoch"]
-    assert 1 <= done <= 4
+    assert 1 <= done < 4
     res = subprocess.run([*args, "--out", str(tmp_path / "run"), "--resume"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     wa, wb = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
@@ -85,13 +86,17 @@ def test_refuses_existing_run_without_flags(tiny_cfg):
 
 def test_resume_with_other_configuration_names_the_mismatch(tiny_cfg):
     train(tiny_cfg())
-    with pytest.raises(ValueError, match="regularizer='none'.*regularizer='sib'"):
+    with pytest.raises(ValueError, match="regularizer='none' -> regularizer='sib'"):
         train(tiny_cfg(regularizer="sib", resume=True, epochs=2))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg):
     first = train(tiny_cfg(regularizer="sib"))
     before = _weights(first.out)
+    # a resume refuses changed options, so the checkpoint is made to carry the NaN weight that epoch 2 then uses
+    ckpt = load_checkpoint(first.out)
+    ckpt["config"]["sib_bg_weight"] = float("nan")
+    save_checkpoint(ckpt, first.out / CHECKPOINT)
     cfg = tiny_cfg(regularizer="sib", epochs=2, resume=True, sib_bg_weight=float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"step \d+: term\(s\) sib"):
         train(dataclasses.replace(cfg))

@@ -1,4 +1,4 @@
-"""`sib train | evaluate | demo | data check`: parse -> config -> library call. No logic lives here."""
+"""`sib train | evaluate | study | demo | data check`: parse -> config -> library call. No logic lives here."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--checkpoint is required: a run folder (holding checkpoint.pt) or a checkpoint file")
     result = evaluate(cfg)
     print(to_markdown(result.summary, ["split", "method", "metric", "value", "ci95_low", "ci95_high", "n",
-                                       "excluded"]))
+                                       "excluded", "invalid", "tolerance_px"]))
     print(f"written: {result.out}/summary.{{csv,json,md}}, {result.out}/per_image.jsonl")
     return 0
 
@@ -39,6 +39,24 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(out=args.out, quick=args.quick, seed=args.seed, device=args.device, overwrite=args.overwrite,
              epochs=args.epochs)
     return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from sib.report.study_summary import key_table
+    from sib.report.tables import to_markdown
+    from sib.study import run_study
+
+    result = run_study(args.config, args.out, jobs=args.jobs, device=args.device, summary_only=args.summary_only,
+                       overwrite=args.overwrite)
+    key = key_table(result.rows)
+    print(to_markdown(key, list(dict.fromkeys(c for row in key for c in row))) if key else "(no finished run)")
+    for note in result.notes:
+        print(note)
+    figure = f", {result.figure}" if result.figure else ""
+    print(f"written: {result.out}/summary.{{csv,json,md}} (all rows){figure}; runs in {result.out}/runs/")
+    for failure in result.failed:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def _data_check(args: argparse.Namespace) -> int:
@@ -70,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_demo)
 
+    p = sub.add_parser("study", help="settings x seeds as run folders (resumable), then paired statistics")
+    p.add_argument("--config", required=True, help="the study file (YAML: base, seeds, baseline, evaluate, settings)")
+    p.add_argument("--out", required=True, help="the study folder (rerun the same command to resume)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes (default 1)")
+    p.add_argument("--device", default=None, help="device of every run and evaluation (default: the file's)")
+    p.add_argument("--summary-only", action="store_true", help="only re-aggregate the runs on disk")
+    p.add_argument("--overwrite", action="store_true",
+                   help="accept a changed study file for --out: runs whose configuration changed are redone")
+    p.set_defaults(func=_study)
+
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     c = data_sub.add_parser("check", help="validate a dataset folder: counts per split, every problem found")
@@ -89,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bad input: one clear line, no traceback (the message names the file or argument)
         print(f"sib {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # the machine, not the input: a full disk, a file too large, no permission (sib.io names the file and
+        # says the previous file is intact); one line, exit 1
+        print(f"sib {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sib {args.command}: interrupted; the last completed checkpoint/batch is kept "
               "(rerun with --resume)", file=sys.stderr)

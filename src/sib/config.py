@@ -40,6 +40,9 @@ class TrainConfig:
     sib_window: int | None = None
     sib_form: str = "exp"
     reg_weight: float = 1.0  # weight of the rrr / energy regularisers
+    # --reg-calibrate RATIO: before epoch 1, scale the regulariser's weight(s) so that its parameter-gradient
+    # norm is RATIO x the cross-entropy's on the first training batches (sib.diagnostics; calibration.json)
+    reg_calibrate: float | None = None
     # optimisation
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -83,6 +86,9 @@ class EvalConfig:
     """What `sib evaluate` computes: explanation methods x metrics over dataset splits."""
 
     checkpoint: str = ""  # a run folder (holding checkpoint.pt) or a checkpoint file
+    # which weights of a run folder: "best" (best.pt, the epoch with the best validation accuracy) or "last"
+    # (checkpoint.pt, the last completed epoch); a checkpoint file is used as given
+    weights: str = "best"
     splits: list[str] = field(default_factory=lambda: ["test"])
     methods: list[str] = field(default_factory=lambda: ["grad_cam", "saliency"])
     metrics: list[str] = field(default_factory=lambda: ["energy_pointing_game"])

@@ -20,9 +20,9 @@ from sib.config import EvalConfig, TrainConfig
 from sib.data.transforms import denormalize
 from sib.evaluate import evaluate, load_run
 from sib.explain import explain
-from sib.io import prepare_out_dir
 from sib.report.figures import heatmap_grid
 from sib.report.tables import to_markdown, write_table
+from sib.run_dir import DEMO, prepare
 from sib.train import make_dataset, resolve_device, train
 
 RUNS = {"ce": "none", "sib": "sib"}  # run folder -> regulariser
@@ -40,13 +40,13 @@ def demo_configs(quick: bool, seed: int, device: str, epochs: int | None) -> tup
     """The demo's budget: full (minutes on 2 CPU cores) or quick (seconds, for tests)."""
     base = TrainConfig(dataset="synthetic", model="small_cnn", image_size=64, optimizer="adamw", lr=1e-3,
                        batch_size=32, epochs=8, seed=seed, device=device, eval_splits=list(SPLITS))
-    # the pointing game's 15 px tolerance is defined at 224 px: scaled to 64 px it is 4 px
+    # the pointing game's default tolerance is 15 px at 224 px scaled to the image: 4 px at 64 px
     ev = EvalConfig(splits=list(SPLITS), methods=list(METHODS), metrics=list(METRICS), batch_size=50,
-                    max_images=300, device=device, metric_options={"pointing_game": {"tolerance": 4}})
+                    max_images=300, device=device)
     if quick:
         base = dataclasses.replace(base, epochs=1, dataset_options={"num_samples": 96})
         ev = dataclasses.replace(ev, methods=["grad_cam", "saliency"], metrics=["energy_pointing_game"],
-                                 max_images=32, metric_options={})
+                                 max_images=32)
     if epochs is not None:
         base = dataclasses.replace(base, epochs=epochs)
     return base, ev
@@ -87,18 +87,22 @@ def draw_heatmaps(out: Path, split: str, methods: list[str], n_images: int, devi
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, device: str = "auto",
              overwrite: bool = False, epochs: int | None = None) -> list[dict[str, Any]]:
-    """Train CE and S-IB, evaluate both, print and write the comparison and the heatmap figure."""
+    """Train CE and S-IB, evaluate both, print and write the comparison and the heatmap figure.
+
+    `overwrite` replaces a previous demo in `out` (its files and its two runs' files, nothing else); without it
+    a folder holding a demo, or anything else, is refused before any training starts.
+    """
     out = Path(out)
-    prepare_out_dir(out, "comparison.json", overwrite, resume=False)
+    prepare(out, DEMO, overwrite=overwrite, resume=False)
     base, ev = demo_configs(quick, seed, device, epochs)
     t0 = time.perf_counter()
     summaries = {}
     for name, regularizer in RUNS.items():
         print(f"== training {name} (--regularizer {regularizer}): {base.model}, {base.epochs} epochs, seed {seed}")
-        cfg = dataclasses.replace(base, regularizer=regularizer, out=str(out / name), overwrite=True)
+        cfg = dataclasses.replace(base, regularizer=regularizer, out=str(out / name), overwrite=overwrite)
         train(cfg)
         print(f"== evaluating {name}: {len(ev.methods)} methods x {len(ev.metrics)} metrics on {', '.join(ev.splits)}")
-        result = evaluate(dataclasses.replace(ev, checkpoint=str(out / name), overwrite=True))
+        result = evaluate(dataclasses.replace(ev, checkpoint=str(out / name), overwrite=overwrite))
         summaries[name] = result.summary
     rows = comparison_rows(summaries)
     write_table(rows, out / "comparison")

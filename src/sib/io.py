@@ -1,4 +1,10 @@
-"""Files that are never half-written: write to a temporary file in the same folder, then rename."""
+"""Files that are never half-written: write to a temporary file in the same folder, then rename.
+
+A failed write (an exception, a full disk) removes the temporary and leaves the previous file as it was;
+a killed process can leave a temporary `.<name>.<random>.tmp` behind, never a damaged `<name>`
+(sib.run_dir deletes such leftovers when the folder is resumed or overwritten). Which files a run folder
+holds, and how they are replaced, is sib.run_dir's business.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,17 @@ from typing import IO, Any
 import torch
 
 
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind `err` (torch.save reports a failed write as a RuntimeError whose context it is)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,8 +38,12 @@ def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a mix
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error(err)
+        if cause is not None and cause.errno is not None:  # disk full, file too large, I/O error: name the file
+            kept = "the previous file is unchanged" if path.exists() else "no file was written"
+            raise OSError(cause.errno, f"could not write {path} ({cause.strerror}); {kept}") from err
         raise
 
 
@@ -32,25 +53,3 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
-
-
-def prepare_out_dir(out: Path, marker: str, overwrite: bool, resume: bool) -> None:
-    """Create `out`, refusing to clobber a previous run (one holding `marker`) unless told to.
-
-    Args:
-        out: the output folder.
-        marker: a file name whose presence means "this folder holds a run" (e.g. "checkpoint.pt").
-        overwrite: delete the previous run's files we own and start afresh.
-        resume: continue the previous run (the caller loads it).
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out}: exists and is not a folder")
-    if (out / marker).exists() and not (overwrite or resume):
-        raise FileExistsError(f"--out {out} already holds a run ({marker}); pass --resume to continue it "
-                              f"or --overwrite to replace it")
-    if overwrite and not resume and out.exists():
-        for child in out.iterdir():
-            if child.is_file():
-                child.unlink()
-    out.mkdir(parents=True, exist_ok=True)

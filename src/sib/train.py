@@ -10,6 +10,8 @@ Checkpoints are per epoch: `--resume` (or a restart after Ctrl-C, which leaves t
 continues from the start of the first unfinished epoch; a mid-epoch position is not saved. The data order
 of epoch e depends only on (seed, e), so a resumed run sees the same batches as an uninterrupted one.
 Under torchrun only rank 0 writes files (sib.distributed says what is per process and what is global).
+Folder rules (what `--overwrite` removes, which folders are refused), checkpoint loading (weights only) and
+the `--resume` compatibility check live in sib.run_dir.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from sib.config import TrainConfig, save_json, to_dict
 from sib.data import collate, create_dataset
 from sib.data.transforms import create_transform
+from sib.diagnostics import EpochDiagnostics, calibrate_run
 from sib.distributed import (
     DistInfo,
     EpochBatchSampler,
@@ -45,15 +48,22 @@ from sib.distributed import (
     shard_indices,
 )
 from sib.epoch import EpochLoop, NonFiniteLossError  # noqa: F401 (callers catch it from sib.train)
-from sib.io import atomic_torch_save, atomic_write_text, prepare_out_dir
+from sib.io import atomic_write_text
 from sib.models import create_model
 from sib.regularizers import create_regularizer
+from sib.run_dir import (  # noqa: F401 (load_checkpoint: callers import it from sib.train)
+    BEST,
+    CHECKPOINT,
+    TRAIN,
+    check_resume,
+    load_checkpoint,
+    prepare,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from sib.schedule import create_scheduler
 from sib.step import time_steps
-
-CHECKPOINT = "checkpoint.pt"
-# configuration fields that must agree between a checkpoint and the run that resumes or evaluates it
-_IDENTITY = ("dataset", "model", "image_size", "regularizer", "mask_source", "normalization")
 
 
 @dataclass
@@ -80,7 +90,7 @@ def seed_everything(seed: int) -> None:
 def make_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
     """A split of the configured dataset, with the train or eval transform of the configured size."""
     options = dict(cfg.dataset_options)
-    if cfg.dataset == "synthetic":  # generated at the requested size; no resampling transform needed
+    if cfg.dataset in ("synthetic", "decoy_digits"):  # generated at the requested size; no resampling transform
         options.setdefault("image_size", cfg.image_size)
         options.setdefault("normalization", cfg.normalization)
         return create_dataset(cfg.dataset, cfg.root, split, **options)
@@ -127,40 +137,10 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid names: adamw, sgd")
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: Path, expect: TrainConfig | None = None, num_classes: int | None = None) -> dict:
-    """Load a sib checkpoint, checking that it belongs to the expected configuration."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file (expected a run folder or a .pt file)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"checkpoint {path}: not a sib checkpoint (no 'model'/'config' entries)")
-    saved = ckpt["config"]
-    if expect is not None:
-        wanted = to_dict(expect)
-        for key in _IDENTITY:
-            if saved.get(key) != wanted.get(key):
-                raise ValueError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, but this run "
-                                 f"has {key}={wanted.get(key)!r}; use another --out or --overwrite")
-    if num_classes is not None and ckpt.get("num_classes") != num_classes:
-        raise ValueError(f"checkpoint {path} has {ckpt.get('num_classes')} classes, the dataset {num_classes}")
+def _load_for_resume(out: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """The run's checkpoint, after checking that `cfg` may continue it (sib.run_dir.check_resume)."""
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    check_resume(ckpt["config"], to_dict(cfg), to_dict(TrainConfig()), out / CHECKPOINT)
     return ckpt
 
 
@@ -177,6 +157,8 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.max_steps_per_epoch is None or cfg.max_steps_per_epoch >= 1,
          f"--max-steps-per-epoch {cfg.max_steps_per_epoch}: must be >= 1 (or unset)"),
         (cfg.log_every >= 1, f"--log-every {cfg.log_every}: must be >= 1"),
+        (cfg.reg_calibrate is None or (math.isfinite(cfg.reg_calibrate) and cfg.reg_calibrate > 0),
+         f"--reg-calibrate {cfg.reg_calibrate}: must be a positive finite gradient-norm ratio (e.g. 0.1)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -238,12 +220,14 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
     error: Exception | None = None
     if info.is_main:
         try:
-            prepare_out_dir(out, CHECKPOINT, cfg.overwrite, cfg.resume)
-        except (FileExistsError, NotADirectoryError) as err:
+            prepare(out, TRAIN, overwrite=cfg.overwrite, resume=cfg.resume)
+        except (FileExistsError, NotADirectoryError, ValueError) as err:
             error = err
     error = broadcast_object(error, info)  # every process stops with rank 0's refusal, none waits forever
     if error is not None:
         raise error
+    # checked before any data or model is built: a refused resume costs nothing and changes no file
+    ckpt = _load_for_resume(out, cfg) if cfg.resume and (out / CHECKPOINT).exists() else None
     seed_everything(cfg.seed)
 
     train_ds = make_dataset(cfg, "train", train=True)
@@ -276,14 +260,16 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
 
     history: list[dict[str, Any]] = []
     start_epoch, best_val = 0, -math.inf
-    if cfg.resume and (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out, expect=cfg, num_classes=num_classes)
+    if ckpt is not None:
+        if ckpt.get("num_classes") != num_classes:
+            raise ValueError(f"checkpoint {out / CHECKPOINT} has {ckpt.get('num_classes')} classes, the dataset "
+                             f"{num_classes}")
         module.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         if "scheduler" in ckpt:
             sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         start_epoch, history, best_val = ckpt["epoch"], ckpt["history"], ckpt["best_val"]
     if info.is_main:
         save_json(to_dict(cfg), out / "config.json")
@@ -291,6 +277,12 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
     tb = _tensorboard(cfg, out, info)
     loss_options = {"amp_dtype": amp_dtype, "reg_precision": cfg.reg_precision,
                     "label_smoothing": cfg.label_smoothing}
+    # --reg-calibrate (scales reg's weights; calibration.json) and the per-epoch diagnostics (sib.diagnostics)
+    reg_scale = calibrate_run(cfg, out, module, reg, train_ds, device, info, loss_options, resumed=start_epoch > 0)
+    # the fixed batch comes from the whole val split (not this process's shard), so under torchrun every
+    # process measures the same batch with the same weights and logs the same diagnostics
+    diag_loader = make_loader(eval_loaders["val"].dataset, cfg.batch_size, 0) if info.enabled else eval_loaders["val"]
+    diag = EpochDiagnostics(module, reg, diag_loader, device, loss_options, reg_scale)
     loop = EpochLoop(cfg, model, module, reg, opt, sched, scaler, device, info, loss_options)
 
     step = start_epoch * batches_per_epoch
@@ -303,6 +295,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
             row, step = loop.run(loader, epoch, step)
             for split, eval_loader in eval_loaders.items():
                 row[f"{split}_acc"] = accuracy(module, eval_loader, device, cfg.eval_batches, info)
+            row.update(diag())  # diag_* on the fixed validation batch, reg_scale when calibrated
             history.append(row)
             improved = row["val_acc"] > best_val
             best_val = max(best_val, row["val_acc"])
@@ -333,17 +326,21 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
 def _save_epoch(out: Path, cfg: TrainConfig, module: nn.Module, opt: torch.optim.Optimizer, sched: Any,
                 scaler: torch.amp.GradScaler, epoch: int, history: list[dict], best_val: float, improved: bool,
                 num_classes: int, classes: list[str]) -> None:
-    """checkpoint.pt (everything a resume needs), best.pt when validation improved, then log.jsonl.
+    """best.pt when validation improved, then checkpoint.pt (everything a resume needs), then log.jsonl.
 
-    Checkpoints are per epoch: a resume restarts the interrupted epoch from its first batch.
+    Checkpoints are per epoch: a resume restarts the interrupted epoch from its first batch. best.pt goes
+    first: a process killed between the two writes resumes from the previous checkpoint.pt, redoes the epoch
+    and writes best.pt again, whereas the other order would leave best.pt one improvement behind for good.
+    Everything saved is tensors and plain data (sib.run_dir loads with weights_only=True).
     """
     state = {"model": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "best_val": best_val,
-             "rng": _rng_state(), "config": to_dict(cfg), "num_classes": num_classes, "classes": classes}
-    atomic_torch_save(state, out / CHECKPOINT)
+             "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": history[-1]["step"], "history": history,
+             "best_val": best_val, "rng": rng_state(), "config": to_dict(cfg), "num_classes": num_classes,
+             "classes": classes}
     if improved:
-        atomic_torch_save({k: state[k] for k in ("model", "epoch", "config", "num_classes", "classes")},
-                          out / "best.pt")
+        save_checkpoint({k: state[k] for k in ("model", "epoch", "step", "config", "num_classes", "classes")},
+                        out / BEST)
+    save_checkpoint(state, out / CHECKPOINT)
     atomic_write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
@@ -360,6 +357,8 @@ def _write_summary(out: Path, cfg: TrainConfig, module: nn.Module, reg: Any, val
                                "epochs": history[-1]["epoch"], "steps": history[-1]["step"],
                                "sec_per_step": sum(r["sec_per_step"] for r in history) / len(history),
                                "skipped_batches": sum(r.get("skipped", 0) for r in history)}
+    if "reg_scale" in history[-1]:  # --reg-calibrate: the factor and the weights it chose
+        summary.update(reg_scale=history[-1]["reg_scale"], reg_weights=reg.weights())
     if cfg.profile_steps > 0 and len(val_loader.dataset) >= 2:
         x, y, mask = next(iter(val_loader))
         batch = (x.to(device).to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format),

@@ -10,8 +10,6 @@ import pytest
 
 from sib.data.check import add_arguments, check_dataset, run
 
-MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "oxford-pets-mini"
-
 
 def _cli(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
@@ -65,9 +63,8 @@ def test_cli_exit_codes_output_and_json(pets_root, tmp_path, capsys):
         _cli("--dataset", "oxford_pets", "--root", "x", "--option", "no_equals_sign")
 
 
-@pytest.mark.skipif(not MINI.is_dir(), reason=f"real data folder {MINI} absent")
-def test_check_on_oxford_pets_mini():
-    report = check_dataset("oxford_pets", MINI)
+def test_check_on_oxford_pets_mini(shared_path):
+    report = check_dataset("oxford_pets", shared_path("data/oxford-pets-mini"))
     assert report.counts == {"train": 270, "val": 30, "trainval": 300, "test": 199}
     assert report.with_mask == report.counts and not any(report.empty_mask.values())
     assert not report.errors

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from sib.data import collate, create_dataset
-from sib.data.synthetic import FAMILIES, SPLITS, SyntheticBenchmark
+from sib.data.synthetic import FAMILIES, SPLITS, SyntheticBenchmark, _load_digits
 from sib.data.transforms import normalize
 
 
@@ -34,7 +36,9 @@ def test_sample_shapes_dtypes_ranges() -> None:
 
 
 def test_same_seed_identical_different_seed_or_split_different() -> None:
-    a, b = SyntheticBenchmark(None, "train", num_samples=8), SyntheticBenchmark(None, "train", num_samples=8)
+    # cache=False: with the process-wide cache, b would read a's tensors and never render anything itself
+    a = SyntheticBenchmark(None, "train", num_samples=8, cache=False)
+    b = SyntheticBenchmark(None, "train", num_samples=8, cache=False)
     other_seed = SyntheticBenchmark(None, "train", num_samples=8, seed=1)
     for i in range(8):
         xa, ya, ma = a[i]
@@ -58,6 +62,45 @@ def test_access_order_and_cache_do_not_matter() -> None:
     # A second read (from the cache) is the same too, and editing a returned mask does not corrupt it.
     first[3][2].fill_(False)
     assert torch.equal(forward[3][2], backward[3][2]) and forward[3][2].any()
+
+
+def _bbox(m: torch.Tensor) -> torch.Tensor:
+    """The bool (h, w) array cropped to its True pixels' bounding box."""
+    rows, cols = torch.nonzero(m.any(1)).flatten(), torch.nonzero(m.any(0)).flatten()
+    return m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+@pytest.mark.parametrize("digit", range(10))
+def test_train_val_test_instance_pools_are_disjoint(digit: int) -> None:
+    """Issue 8 item 9: before, val and test drew from the same held-out third of the instances."""
+    pools = {split: set(SyntheticBenchmark.instance_pool(digit, split).tolist()) for split in SPLITS}
+    assert pools["test_shifted"] == pools["test"]
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not pools[a] & pools[b], f"digit {digit}: {a} and {b} share instances {sorted(pools[a] & pools[b])}"
+    everything = pools["train"] | pools["val"] | pools["test"]
+    assert len(pools["val"]) >= 25 and len(pools["test"]) >= 25 and len(pools["train"]) >= 100
+    # every instance of the digit belongs to a pool: the labels of the scikit-learn rows are the digit
+    _, target = _load_digits()
+    assert everything == set(np.flatnonzero(target == digit).tolist())
+
+
+def test_samples_show_an_instance_of_their_own_split() -> None:
+    images, _ = _load_digits()
+    used = {}
+    for split in ("val", "test", "test_shifted"):
+        ds = SyntheticBenchmark(None, split, num_samples=60, image_size=32, cache=False)
+        shown_instances = [ds.instance(i) for i in range(len(ds))]
+        used[split] = set(shown_instances)
+        for i, row in enumerate(shown_instances):
+            assert row in set(ds.instance_pool(ds.label(i), split).tolist())
+        # the rendered object is that instance: its upscaled, thresholded shape (at one of the possible sizes)
+        for i in range(0, 60, 12):
+            glyph = torch.tensor(images[shown_instances[i]], dtype=torch.float32).view(1, 1, 8, 8) / 16.0
+            shown = _bbox(ds[i][2][0])
+            shapes = [_bbox(F.interpolate(glyph, size=(s, s), mode="bilinear", align_corners=False)[0, 0] > 0.3)
+                      for s in range(8, 33)]
+            assert any(sh.shape == shown.shape and torch.equal(sh, shown) for sh in shapes), f"{split} {i}"
+    assert not used["val"] & used["test"] and not used["val"] & used["test_shifted"]
 
 
 def test_dataloader_workers_give_the_same_samples() -> None:

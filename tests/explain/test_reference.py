@@ -185,15 +185,37 @@ def test_cams_on_a_gap_model(build):
                                atol=1e-7)
 
 
+def _bilinear(low: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear upsampling of an (h, w) map to (size, size), half-pixel centres (align_corners=False),
+    edges clamped: written out from the definition, independent of torch's interpolate."""
+    def axis(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, n_in - 1)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+
+    (y0, y1, fy), (x0, x1, fx) = axis(low.shape[0]), axis(low.shape[1])
+    top = low[y0][:, x0] * (1 - fx) + low[y0][:, x1] * fx
+    bottom = low[y1][:, x0] * (1 - fx) + low[y1][:, x1] * fx
+    return top * (1 - fy[:, None]) + bottom * fy[:, None]
+
+
 def test_cam_upsampling_is_bilinear_from_the_layer_map(build):
     model = build("resnet18")
     x, y = data(1, size=32)
+    # the layer map by hand: layer4's activations A (2x2 at 32 px: small-image stem) and d logit_y / d A
+    acts = []
+    handle = model.layer4.register_forward_hook(lambda m, i, o: acts.append(o))
+    logits = model(x)
+    handle.remove()
+    (grad,) = torch.autograd.grad(logits[0, y[0]], acts[0])
+    a, g = acts[0][0].detach().double().numpy(), grad[0].double().numpy()  # (K, 2, 2)
+    low = np.maximum((g.mean((1, 2))[:, None, None] * a).sum(0), 0)  # Grad-CAM on the layer grid
+    assert low.shape == (2, 2) and np.ptp(low) > 1e-3 * np.abs(low).max()  # a map that upsampling can reveal
+    want = _bilinear(low, 32)
     attr = explain("grad_cam", model, x, y)
-    low = attr[:, :, 4::8, 4::8]  # not the layer map, but the upsampled map must be smooth and >= 0
-    assert attr.min() >= 0 and low.shape == (1, 1, 4, 4)
-    # 32 px -> layer4 is 2x2 (small-image stem): bilinear upsampling by 16 keeps the four corners' values
-    # constant over an 8 px border block, which a nearest or transposed upsampling would not change.
-    torch.testing.assert_close(attr[..., :8, :8], attr[..., :1, :1].expand(1, 1, 8, 8))
+    torch.testing.assert_close(attr[0, 0].double(), torch.tensor(want), rtol=1e-4, atol=1e-6 * np.abs(low).max())
+    # nearest upsampling (one constant 16x16 block per cell) is far from it
+    assert np.abs(np.kron(low, np.ones((16, 16))) - want).max() > 0.1 * np.ptp(low)
 
 
 # ---------------------------------------------------------------- parity with pytorch-grad-cam

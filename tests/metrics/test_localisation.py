@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from sib.data.synthetic import SyntheticBenchmark
 from sib.metrics import functional as MF
 
 LOCALISATION = ["energy_pointing_game", "pointing_game", "relevance_mass_accuracy",
@@ -74,14 +76,49 @@ def test_pointing_game_tolerance_is_euclidean():
     assert MF.pointing_game(attr, mask, tolerance=2.9).tolist() == [0.0]
 
 
-def test_pointing_game_default_tolerance_is_15_px():
-    mask = torch.zeros(1, 1, 40, 40, dtype=torch.bool)
+@pytest.mark.parametrize("size,radius", [(224, 15), (64, 4), (32, 2), (112, 8)])  # 112 px: 7.5 rounds up
+def test_pointing_game_default_tolerance_is_15_px_at_224_scaled(size, radius):
+    """15 px at 224 px, scaled like the S-IB window: round(15 * min(H, W) / 224); the hit boundary moves."""
+    assert MF.default_tolerance(size, size) == radius
+    assert MF.default_tolerance(size, 3 * size) == MF.default_tolerance(3 * size, size) == radius  # shorter side
+    mask = torch.zeros(1, 1, size, size, dtype=torch.bool)
     mask[..., 0, 0] = True
-    attr = torch.zeros(1, 1, 40, 40)
-    attr[..., 0, 15] = 1.0
+    attr = torch.zeros(1, 1, size, size)
+    attr[..., 0, radius] = 1.0
     assert MF.pointing_game(attr, mask).tolist() == [1.0]
-    attr[..., 0, 15], attr[..., 0, 16] = 0.0, 1.0
+    attr[..., 0, radius], attr[..., 0, radius + 1] = 0.0, 1.0
     assert MF.pointing_game(attr, mask).tolist() == [0.0]
+
+
+def _chance_of_a_hit(mask: torch.Tensor, radius: float) -> float:
+    """Mean share of the pixels within `radius` (Euclidean) of the foreground: the hit rate of a map whose
+    maximum falls on a uniformly random pixel. The union of the mask shifted by every offset in the disk
+    (numpy, independent of the metric's convolution)."""
+    m = mask[:, 0].numpy()  # (B, H, W)
+    r = int(radius)
+    pad = np.pad(m, ((0, 0), (r, r), (r, r)))
+    near = np.zeros_like(m)
+    h, w = m.shape[1:]
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dy * dy + dx * dx <= radius**2:
+                near |= pad[:, r + dy:r + dy + h, r + dx:r + dx + w]
+    return float(near.mean())
+
+
+@pytest.mark.parametrize("size,n", [(32, 120), (64, 80)])
+def test_pure_noise_does_not_hit_most_of_the_time(size, n):
+    """Issue 8 item 7: with 15 px at 32/64 px a noise map hit 93%/59% of the benchmark's test masks; with
+    the scaled default it hits as often as a uniformly random point does: the dilated mask's share."""
+    ds = SyntheticBenchmark(None, "test", num_samples=n, image_size=size, cache=False)
+    mask = torch.stack([ds[i][2] for i in range(len(ds))])
+    noise = torch.rand(mask.shape, generator=torch.Generator().manual_seed(0))
+    rate = MF.pointing_game(noise, mask).mean().item()
+    assert rate < 0.4
+    chance = _chance_of_a_hit(mask, MF.default_tolerance(size, size))
+    assert abs(rate - chance) < 3 * math.sqrt(chance * (1 - chance) / len(ds))  # binomial noise
+    assert chance < 0.35
+    assert _chance_of_a_hit(mask, 15) > 0.5  # what the unscaled 15 px gave: most noise maps "hit"
 
 
 @pytest.mark.parametrize("name", LOCALISATION)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchmetrics import Metric
 
 from sib.metrics import METRICS, MetricSpec, modules
@@ -47,19 +48,75 @@ def test_unknown_metric_lists_valid_names():
         METRICS.get("iou")
 
 
+def _blur(img: torch.Tensor) -> torch.Tensor:
+    """RISE's blur of one image (C, H, W): 11x11 Gaussian, sigma 5, reflect padding, written out by hand."""
+    r = torch.arange(11, dtype=torch.float32) - 5
+    k = torch.exp(-(r**2) / 50.0)
+    k = k / k.sum()
+    pad = F.pad(img[None], (5, 5, 5, 5), mode="reflect")[0]
+    rows = torch.stack([(pad[:, i:i + 11, :] * k[None, :, None]).sum(1) for i in range(img.shape[1])], 1)
+    return torch.stack([(rows[:, :, j:j + 11] * k).sum(2) for j in range(img.shape[2])], 2)
+
+
+def reference(name: str, model, x: torch.Tensor, attr: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> list:
+    """Each metric's definition evaluated one sample at a time with plain loops and sorting, for continuous
+    (tie-free) maps and the registry's default options; NaN where a localisation metric's mask is empty."""
+
+    def prob(img: torch.Tensor, c: int) -> float:
+        with torch.no_grad():
+            return model(img[None]).softmax(1)[0, c].item()
+
+    out = []
+    for a, m, xi, c in zip(attr[:, 0], mask[:, 0], x, y.tolist(), strict=True):
+        a, fg, n = a.flatten(), m.flatten(), a.numel()
+        order = sorted(range(n), key=lambda p, a=a: -a[p].item())  # descending, tie-free
+        fg_set = set(torch.nonzero(fg).flatten().tolist())
+        if name in ("deletion_auc", "insertion_auc"):
+            src, dst = (_blur(xi), xi) if name == "insertion_auc" else (xi, torch.zeros_like(xi))
+            curve = []
+            for s in range(21):  # n_steps = 20: the top floor(s * n / 20) pixels changed
+                img = src.clone().flatten(1)
+                idx = order[:s * n // 20]
+                img[:, idx] = dst.flatten(1)[:, idx]
+                curve.append(prob(img.view_as(xi), c))
+            out.append(sum((curve[i] + curve[i + 1]) / 2 for i in range(20)) / 20)
+        elif name in ("average_drop", "increase_in_confidence"):
+            e = (a - a.min()) / (a.max() - a.min())
+            y_, o = prob(xi, c), prob(xi * e.view(1, *xi.shape[1:]), c)
+            out.append(max(0.0, y_ - o) / y_ if name == "average_drop" else float(o > y_))
+        elif not fg_set:
+            out.append(math.nan)
+        elif name == "energy_pointing_game":
+            pos = a.clamp(min=0)
+            out.append((pos * fg).sum().item() / pos.sum().item())
+        elif name == "relevance_mass_accuracy":
+            out.append((a.abs() * fg).sum().item() / a.abs().sum().item())
+        elif name == "relevance_rank_accuracy":
+            out.append(len(set(order[:len(fg_set)]) & fg_set) / len(fg_set))
+        elif name == "topk_iou":
+            k = round(0.25 * n)
+            out.append(len(set(order[:k]) & fg_set) / len(set(order[:k]) | fg_set))
+        elif name == "auroc":
+            pos, neg = a[fg], a[~fg]
+            out.append((pos[:, None] > neg[None, :]).float().mean().item())
+        elif name == "pointing_game":  # 16 px: the default radius is round(15 * 16 / 224) = 1 px
+            w = attr.shape[-1]
+            py, px = divmod(order[0], w)
+            out.append(float(any((py - q // w) ** 2 + (px - q % w) ** 2 <= 1 for q in fg_set)))
+    return out
+
+
 @pytest.mark.parametrize("name", REQUIRED)
 def test_evaluator_calling_convention(name):
     model, x, attr, mask, y = inputs()
     spec = METRICS.get(name)
-    if spec.needs_model:
-        values = spec.fn(attr, mask, model=model, x=x, target=y)
-    else:
-        values = spec.fn(attr, mask)
-        # the model keywords are accepted and ignored by localisation metrics
-        torch.testing.assert_close(spec.fn(attr, mask, model=model, x=x, target=y), values, equal_nan=True)
+    values = spec.fn(attr, mask, model=model, x=x, target=y)  # the evaluator's call, for every metric
     assert values.shape == (4,) and values.dtype == torch.float32
-    torch.testing.assert_close(values, getattr(MF, name)(attr, mask, **(
-        {"model": model, "x": x, "target": y} if spec.needs_model else {})), equal_nan=True)
+    if not spec.needs_model:  # localisation metrics take (attr, mask) alone
+        torch.testing.assert_close(spec.fn(attr, mask), values, equal_nan=True)
+    # the registered function computes the metric its name says, with the documented defaults
+    torch.testing.assert_close(values, torch.tensor(reference(name, model, x, attr, mask, y)), rtol=1e-4,
+                               atol=1e-5, equal_nan=True)
     assert math.isnan(values[1]) == spec.uses_mask  # empty mask: excluded where the mask matters
 
 

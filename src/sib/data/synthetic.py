@@ -4,8 +4,10 @@ Every sample is generated on the fly from `(seed, split, index)` alone (no files
 access order, any number of DataLoader workers and any machine give identical tensors.
 
 - Object (the real signal): class `c` is the digit `c` from scikit-learn's bundled 8x8 handwritten digits,
-  one of ~180 writers' instances (train uses two thirds of the instances, the other splits the held-out
-  third), upscaled bilinearly to 45-70% of the image side and thresholded into a crisp binary shape,
+  one of ~180 writers' instances, drawn from a pool of its split: train, val and test have disjoint pools
+  (train two thirds of each digit's instances, val one sixth, test the other sixth; test_shifted shares
+  test's), so model selection on val never sees a test instance (`instance_pool`, `instance`). It is
+  upscaled bilinearly to 45-70% of the image side and thresholded into a crisp binary shape,
   placed fully inside the image at a random position, in one flat light colour of random hue (every
   channel in [0.8, 1]; the background's stay in [0.15, 0.67], so the object always stands out and its
   edges have one polarity, which keeps the shape learnable by a small CNN in a few epochs).
@@ -34,6 +36,9 @@ from torch.utils.data import Dataset
 from sib.data.transforms import NORMALIZATIONS, normalize
 
 SPLITS = ("train", "val", "test", "test_shifted")
+# Which digit instances a split draws from: instance k (in file order, per digit) -> a pool by k % 6.
+POOL_OF_SPLIT = {"train": "train", "val": "val", "test": "test", "test_shifted": "test"}
+_POOL_RESIDUES = {"train": (1, 2, 4, 5), "val": (0,), "test": (3,)}
 DEFAULT_NUM_SAMPLES = {"train": 1200, "val": 600, "test": 600, "test_shifted": 600}
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FAMILIES = ("stripes_horizontal", "stripes_vertical", "checkerboard", "dots", "rings", "blobs", "waves",
@@ -195,20 +200,31 @@ class SyntheticBenchmark(Dataset):
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
             _SHARED_CACHE.setdefault(key, {}) if cache else None)
 
-    _digits: list[torch.Tensor] | None = None  # per digit: (n, 8, 8) float32 in [0, 1]; loaded once
+    _images: torch.Tensor | None = None  # (1797, 8, 8) float32 in [0, 1]: every digit instance; loaded once
+    _rows: list[torch.Tensor] | None = None  # per digit: int64 row indices into _images, in file order
 
     @classmethod
-    def _templates(cls, digit: int, held_out: bool) -> torch.Tensor:
-        """The instances of one digit: (n, 8, 8) float32 in [0, 1]; train gets 2/3, the rest 1/3."""
-        if cls._digits is None:
+    def _load(cls) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if cls._images is None or cls._rows is None:
             pixels, target = _load_digits()
-            images = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 8, 8) / 16.0  # values are 0..16
+            cls._images = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 8, 8) / 16.0  # values are 0..16
             targets = torch.as_tensor(target)
-            cls._digits = [images[targets == d] for d in range(MAX_CLASSES)]
-        instances = cls._digits[digit]
-        keep = (torch.arange(len(instances)) % 3 == 0) == held_out
-        return instances[keep]
+            cls._rows = [torch.nonzero(targets == d).flatten() for d in range(MAX_CLASSES)]
+        return cls._images, cls._rows
 
+    @classmethod
+    def instance_pool(cls, digit: int, split: str) -> torch.Tensor:
+        """The digit instances a split draws from, as row indices into scikit-learn's digits (int64 (n,)).
+
+        A digit's k-th instance (file order) belongs to val if k % 6 == 0, to test (and test_shifted) if
+        k % 6 == 3, to train otherwise: three disjoint pools, ~2/3, 1/6, 1/6 of ~180 instances.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} for 'synthetic'; valid splits: {', '.join(SPLITS)}")
+        rows = cls._load()[1][digit]
+        k = torch.arange(len(rows)) % 6
+        keep = torch.isin(k, torch.tensor(_POOL_RESIDUES[POOL_OF_SPLIT[split]]))
+        return rows[keep]
     def __len__(self) -> int:
         return self.num_samples
 
@@ -249,13 +265,22 @@ class SyntheticBenchmark(Dataset):
         g, _, family = self._start(i)
         return _background(family, g, self.image_size).float() / 255.0
 
+    def _instance_after_background(self, i: int) -> tuple[torch.Generator, int, torch.Tensor, int]:
+        """Generator after the background and instance draws, label, background uint8 (3,H,W), instance row."""
+        g, label, family = self._start(i)
+        image = _background(family, g, self.image_size)  # same draws as `background(i)`, so the two agree exactly
+        pool = self.instance_pool(label, self.split)
+        return g, label, image, int(pool[int(torch.randint(len(pool), (), generator=g))])
+
+    def instance(self, i: int) -> int:
+        """Which digit instance sample i shows: its row index in scikit-learn's digits (in `instance_pool`)."""
+        return self._instance_after_background(i)[3]
+
     def _render(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample i before any transform: uint8 image (3,H,W) and bool mask (1,H,W)."""
-        g, label, family = self._start(i)
+        g, _, image, row = self._instance_after_background(i)
         size = self.image_size
-        image = _background(family, g, size)  # same draws as `background(i)`, so the two agree exactly
-        templates = self._templates(label, held_out=self.split != "train")
-        glyph = templates[int(torch.randint(len(templates), (), generator=g))]
+        glyph = self._load()[0][row]
         side = max(8, round(float(_uniform(g, 0.45, 0.70)) * size))
         # Bilinear upscaling then a threshold turns the blurry 8x8 digit into a crisp binary shape.
         up = F.interpolate(glyph[None, None], size=(side, side), mode="bilinear", align_corners=False)

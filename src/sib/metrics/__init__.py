@@ -2,10 +2,12 @@
 
 The evaluator looks a metric up in `METRICS` and calls
 `spec.fn(attr, mask, model=model, x=x, target=target)` when `spec.needs_model`, else `spec.fn(attr,
-mask)`; it gets (B,) values and aggregates them with `spec.reduction`, ignoring NaN ("excluded":
-an empty foreground mask). Every `spec.fn` also accepts and ignores `model`, `x`, `target` where it does
-not need them, so calling all metrics the model way is safe. Options (`tolerance=`, `n_steps=`, ...) go
-through as keywords.
+mask)`; it gets (B,) values and aggregates them with `spec.reduction`, ignoring NaN. A NaN is "invalid"
+where the sample's attribution is not finite (`functional.finite_rows(attr)` is False: a NaN or +-inf
+anywhere in its map, whatever the mask), else "excluded" (an empty foreground mask); the two are counted
+apart. Every `spec.fn` also accepts and ignores `model`, `x`, `target` where it does not need them, so
+calling all metrics the model way is safe. Options (`tolerance=`, `n_steps=`, ...) go through as keywords;
+the pointing game's default tolerance scales with the image (`functional.default_tolerance`).
 
 Reductions: "mean" = mean over non-NaN samples; "class_mean" = mean over classes of the per-class mean
 over non-NaN samples (grouped by `target`; the pointing game, as in Zhang et al. 2018).
@@ -31,7 +33,7 @@ class MetricSpec:
 
     Attributes:
         name: registry key, also the column name in tables ("pointing_game").
-        fn: per-sample function (attr, mask, **kw) -> (B,) float; NaN = excluded.
+        fn: per-sample function (attr, mask, **kw) -> (B,) float; NaN = excluded or invalid (see above).
         needs_model: True if fn needs `model=`, `x=`, `target=` (perturbation metrics).
         higher_is_better: direction of improvement.
         reduction: "mean" or "class_mean" (see module docstring).

@@ -1,4 +1,4 @@
-"""Input validation shared by the metric functions: precise ValueErrors, no host syncs."""
+"""Input validation shared by the metric functions: precise ValueErrors, no host syncs; finiteness."""
 
 from __future__ import annotations
 
@@ -36,3 +36,12 @@ def check_model_inputs(attr: torch.Tensor, x: torch.Tensor | None, target: torch
     if target.shape != (x.shape[0],) or target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must be an integer tensor (B,) = ({x.shape[0]},); got "
                          f"{tuple(target.shape)} {target.dtype}")
+
+
+def finite_rows(attr: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: True where every value of a sample's attribution (B, ...) is finite.
+
+    A sample with a NaN or +-inf anywhere in its map is "invalid": every metric returns NaN for it, and
+    the evaluator and the accumulating metrics count it apart from "excluded" (empty mask).
+    """
+    return torch.isfinite(attr.flatten(1)).all(1)

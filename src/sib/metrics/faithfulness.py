@@ -7,16 +7,22 @@ gradients, in the mode the caller left it (normally eval), on batches of at most
 
 Pixel order: descending attribution, ties broken by pixel index (row-major) via a stable sort, so a
 constant or all-zero map has a defined value (it deletes/inserts top-left first).
+
+Non-finite attribution (a NaN or +-inf anywhere in a sample's map): NaN, meaning "invalid", as the
+localisation metrics (`sib.metrics.localisation`); such a map does not order or weight any pixel (it is
+replaced by zeros before the model runs, so no NaN reaches the model).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torchvision.transforms.functional as TF
 from torch import nn
 
 from sib.explain.normalize import normalize_attr
-from sib.metrics._checks import check_attr, check_attr_mask, check_model_inputs
+from sib.metrics._checks import check_attr, check_attr_mask, check_model_inputs, finite_rows
 
 BASELINES = ("zeros", "blur")
 
@@ -49,6 +55,17 @@ def _baseline(x: torch.Tensor, baseline: str | float | torch.Tensor) -> torch.Te
     raise ValueError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}, a number or a tensor")
 
 
+def _finite(attr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """attr with its invalid samples zeroed, and the (B,) bool finite rows."""
+    finite = finite_rows(attr)
+    return torch.where(finite.view(-1, *([1] * (attr.dim() - 1))), attr, torch.zeros_like(attr)), finite
+
+
+def _invalid_to_nan(values: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """NaN on the rows (dim 0) of `values` whose attribution was not finite."""
+    return torch.where(finite.view(-1, *([1] * (values.dim() - 1))), values, torch.full_like(values, math.nan))
+
+
 def _probs(model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Softmax probability of `target`: images (N, C, H, W), target (N,) -> (N,), no gradients."""
     out = []
@@ -65,6 +82,7 @@ def _curve(attr: torch.Tensor, mask: torch.Tensor | None, model: nn.Module | Non
     target = _check(attr, mask, model, x, target)
     if n_steps < 1 or batch_size < 1:
         raise ValueError(f"n_steps and batch_size must be >= 1; got {n_steps}, {batch_size}")
+    attr, finite = _finite(attr)
     b, n = attr.shape[0], attr[0].numel()
     base = _baseline(x, baseline)
     order = attr.flatten(1).argsort(dim=1, descending=True, stable=True)  # (B, N) pixel indices, best first
@@ -79,7 +97,7 @@ def _curve(attr: torch.Tensor, mask: torch.Tensor | None, model: nn.Module | Non
         images = torch.where(changed, dst[:, None], src[:, None])  # (B, S, C, H, W)
         p = _probs(model, images.flatten(0, 1), target.repeat_interleave(m.numel()), batch_size)
         probs.append(p.view(b, m.numel()))
-    return torch.cat(probs, 1)  # (B, n_steps + 1)
+    return _invalid_to_nan(torch.cat(probs, 1), finite)  # (B, n_steps + 1)
 
 
 def deletion_curve(attr: torch.Tensor, mask: torch.Tensor | None = None, *, model: nn.Module | None = None,
@@ -101,7 +119,8 @@ def deletion_curve(attr: torch.Tensor, mask: torch.Tensor | None = None, *, mode
         batch_size: images per forward pass.
 
     Returns:
-        float (B, n_steps + 1) probabilities in [0, 1]; column 0 is the unperturbed input.
+        float (B, n_steps + 1) probabilities in [0, 1]; column 0 is the unperturbed input; a row of NaN
+        where attr is not finite (invalid).
     """
     return _curve(attr, mask, model, x, target, n_steps, baseline, batch_size, insert=False)
 
@@ -125,7 +144,7 @@ def _auc(curve: torch.Tensor) -> torch.Tensor:
 def deletion_auc(attr: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Area under `deletion_curve` over the deleted fraction [0, 1]; lower is better.
 
-    Takes the arguments of `deletion_curve`. Returns float (B,) in [0, 1].
+    Takes the arguments of `deletion_curve`. Returns float (B,) in [0, 1]; NaN where attr is not finite.
     """
     return _auc(deletion_curve(attr, mask, **kwargs))
 
@@ -133,19 +152,21 @@ def deletion_auc(attr: torch.Tensor, mask: torch.Tensor | None = None, **kwargs)
 def insertion_auc(attr: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Area under `insertion_curve` over the inserted fraction [0, 1]; higher is better.
 
-    Takes the arguments of `insertion_curve`. Returns float (B,) in [0, 1].
+    Takes the arguments of `insertion_curve`. Returns float (B,) in [0, 1]; NaN where attr is not finite.
     """
     return _auc(insertion_curve(attr, mask, **kwargs))
 
 
 def _confidences(attr: torch.Tensor, mask: torch.Tensor | None, model: nn.Module | None,
                  x: torch.Tensor | None, target: torch.Tensor | None, batch_size: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target probability on x (Y) and on x * E, E = the per-sample min-max normalised map (O)."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target probability on x (Y) and on x * E, E = the per-sample min-max normalised map (O); the
+    (B,) bool finite rows of attr."""
     target = _check(attr, mask, model, x, target)
+    attr, finite = _finite(attr)
     explanation = normalize_attr(attr, mode="minmax").to(x.dtype)  # (B, 1, H, W) in [0, 1]
     probs = _probs(model, torch.cat([x, x * explanation]), target.repeat(2), batch_size)
-    return probs[: x.shape[0]], probs[x.shape[0]:]
+    return probs[: x.shape[0]], probs[x.shape[0]:], finite
 
 
 def average_drop(attr: torch.Tensor, mask: torch.Tensor | None = None, *, model: nn.Module | None = None,
@@ -162,10 +183,10 @@ def average_drop(attr: torch.Tensor, mask: torch.Tensor | None = None, *, model:
         model, x, target, batch_size: as `deletion_curve`.
 
     Returns:
-        float (B,) in [0, 1].
+        float (B,) in [0, 1]; NaN where attr is not finite (invalid).
     """
-    y, o = _confidences(attr, mask, model, x, target, batch_size)
-    return (y - o).clamp(min=0) / y.clamp(min=torch.finfo(y.dtype).tiny)
+    y, o, finite = _confidences(attr, mask, model, x, target, batch_size)
+    return _invalid_to_nan((y - o).clamp(min=0) / y.clamp(min=torch.finfo(y.dtype).tiny), finite)
 
 
 def increase_in_confidence(attr: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -176,7 +197,7 @@ def increase_in_confidence(attr: torch.Tensor, mask: torch.Tensor | None = None,
     Y and O as in `average_drop` (same arguments); the mean over samples is the paper's rate.
 
     Returns:
-        float (B,) of 0.0 / 1.0.
+        float (B,) of 0.0 / 1.0; NaN where attr is not finite (invalid).
     """
-    y, o = _confidences(attr, mask, model, x, target, batch_size)
-    return (o > y).to(y.dtype)
+    y, o, finite = _confidences(attr, mask, model, x, target, batch_size)
+    return _invalid_to_nan((o > y).to(y.dtype), finite)

@@ -7,6 +7,9 @@ host syncs. Shared conventions:
 - Empty foreground mask: NaN, meaning "excluded" (never a hit, never a zero); the accumulating metrics
   in `sib.metrics.modules` skip and count such samples. AUROC is also NaN for an all-foreground mask
   (no background pixel: the ROC is undefined).
+- Non-finite attribution (a NaN or +-inf anywhere in a sample's map): NaN, meaning "invalid", whatever the
+  mask; every metric here and in `sib.metrics.faithfulness` does the same, and callers tell the two NaNs
+  apart with `finite_rows(attr)` (the evaluator and `sib.metrics.modules` count "invalid" separately).
 - Uninformative maps get the value of chance, never NaN: an all-zero map scores like a uniform map
   (EPG and relevance mass: |fg| / (H*W); ranks with ties share the tied slots, so a constant map gets
   the expected value under random tie-breaking: rank accuracy |fg| / (H*W), AUROC 0.5). The pointing
@@ -22,23 +25,41 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sib.metrics._checks import check_attr_mask
+from sib.metrics._checks import check_attr_mask, finite_rows
+
+REFERENCE_SIZE, REFERENCE_TOLERANCE = 224, 15  # the pointing game's customary 15 px, defined at 224 px
 
 
-def _flat(attr: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate and flatten: (B, 1, H, W) -> (B, N) for attr and mask; also |fg| as (B,) in attr's dtype."""
+def default_tolerance(height: int, width: int) -> int:
+    """The pointing game's default tolerance: 15 px at 224 px, scaled with the shorter side.
+
+    round(15 * min(H, W) / 224) to the nearest whole pixel (halves up), the rule `sib.loss.default_window`
+    uses for the S-IB window: 224 px -> 15, 64 px -> 4, 32 px -> 2. Unscaled, 15 px covers most of a
+    small image, so a pure-noise map "hits" most of the time (docs/ARCHITECTURE.md, Metrics, has the
+    measured rates on the built-in benchmark).
+    """
+    return math.floor(REFERENCE_TOLERANCE * min(height, width) / REFERENCE_SIZE + 0.5)
+
+
+def _flat(attr: torch.Tensor, mask: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate and flatten: (B, 1, H, W) -> (B, N) for attr and mask; |fg| (B,) in the output dtype; and
+    the (B,) bool finite rows. Invalid rows of `a` are zeroed so the arithmetic stays finite (their
+    values are replaced by NaN at the end, by `_excluded`)."""
     check_attr_mask(attr, mask)
     a, fg = attr.flatten(1), mask.flatten(1)  # (B, 1, H, W) -> (B, N)
-    return a, fg, fg.sum(1).to(_out_dtype(attr))
+    finite = finite_rows(attr)
+    a = torch.where(finite[:, None], a, torch.zeros_like(a))
+    return a, fg, fg.sum(1).to(_out_dtype(attr)), finite
 
 
 def _out_dtype(attr: torch.Tensor) -> torch.dtype:
     return torch.promote_types(attr.dtype, torch.float32)
 
 
-def _excluded(values: torch.Tensor, n_fg: torch.Tensor) -> torch.Tensor:
-    """NaN where the foreground is empty."""
-    return torch.where(n_fg > 0, values, torch.full_like(values, math.nan))
+def _excluded(values: torch.Tensor, n_fg: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """NaN where the foreground is empty (excluded) or the attribution is not finite (invalid)."""
+    return torch.where((n_fg > 0) & finite, values, torch.full_like(values, math.nan))
 
 
 def _share(inside: torch.Tensor, total: torch.Tensor, n_fg: torch.Tensor, n: int) -> torch.Tensor:
@@ -57,11 +78,11 @@ def energy_pointing_game(attr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
         mask: bool (B, 1, H, W), True on the foreground.
 
     Returns:
-        (B,) in [0, 1]; NaN where the mask is empty.
+        (B,) in [0, 1]; NaN where the mask is empty or attr is not finite.
     """
-    a, fg, n_fg = _flat(attr, mask)
+    a, fg, n_fg, finite = _flat(attr, mask)
     energy = F.relu(a).to(n_fg.dtype)
-    return _excluded(_share((energy * fg).sum(1), energy.sum(1), n_fg, a.shape[1]), n_fg)
+    return _excluded(_share((energy * fg).sum(1), energy.sum(1), n_fg, a.shape[1]), n_fg, finite)
 
 
 def relevance_mass_accuracy(attr: torch.Tensor, mask: torch.Tensor, *, abs: bool = True) -> torch.Tensor:
@@ -74,11 +95,11 @@ def relevance_mass_accuracy(attr: torch.Tensor, mask: torch.Tensor, *, abs: bool
             ratio is unbounded when positive and negative mass nearly cancel.
 
     Returns:
-        (B,); |fg| / (H*W) where sum(r) == 0; NaN where the mask is empty.
+        (B,); |fg| / (H*W) where sum(r) == 0; NaN where the mask is empty or attr is not finite.
     """
-    a, fg, n_fg = _flat(attr, mask)
+    a, fg, n_fg, finite = _flat(attr, mask)
     r = (a.abs() if abs else a).to(n_fg.dtype)
-    return _excluded(_share((r * fg).sum(1), r.sum(1), n_fg, a.shape[1]), n_fg)
+    return _excluded(_share((r * fg).sum(1), r.sum(1), n_fg, a.shape[1]), n_fg, finite)
 
 
 def _topk_overlap(a: torch.Tensor, fg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -104,11 +125,12 @@ def relevance_rank_accuracy(attr: torch.Tensor, mask: torch.Tensor) -> torch.Ten
         mask: bool (B, 1, H, W).
 
     Returns:
-        (B,) in [0, 1]; a constant map gets |fg| / (H*W); NaN where the mask is empty.
+        (B,) in [0, 1]; a constant map gets |fg| / (H*W); NaN where the mask is empty or attr is not
+        finite.
     """
-    a, fg, n_fg = _flat(attr, mask)
+    a, fg, n_fg, finite = _flat(attr, mask)
     overlap = _topk_overlap(a.to(n_fg.dtype), fg, fg.sum(1))
-    return _excluded(overlap / n_fg.clamp(min=1), n_fg)
+    return _excluded(overlap / n_fg.clamp(min=1), n_fg, finite)
 
 
 def _k_pixels(k: int | float, n: int) -> int:
@@ -131,12 +153,12 @@ def topk_intersection(attr: torch.Tensor, mask: torch.Tensor, *, k: int | float 
         k: pixel count (int) or fraction of the image (float in (0, 1]).
 
     Returns:
-        (B,) in [0, 1]; NaN where the mask is empty.
+        (B,) in [0, 1]; NaN where the mask is empty or attr is not finite.
     """
-    a, fg, n_fg = _flat(attr, mask)
+    a, fg, n_fg, finite = _flat(attr, mask)
     kk = _k_pixels(k, a.shape[1])
     overlap = _topk_overlap(a.to(n_fg.dtype), fg, torch.full_like(fg[:, 0], kk, dtype=torch.long))
-    return _excluded(overlap / kk, n_fg)
+    return _excluded(overlap / kk, n_fg, finite)
 
 
 def topk_iou(attr: torch.Tensor, mask: torch.Tensor, *, k: int | float = 0.25) -> torch.Tensor:
@@ -148,12 +170,13 @@ def topk_iou(attr: torch.Tensor, mask: torch.Tensor, *, k: int | float = 0.25) -
         k: pixel count (int) or fraction of the image (float in (0, 1]).
 
     Returns:
-        (B,) in [0, 1]; ties share slots (see module docstring); NaN where the mask is empty.
+        (B,) in [0, 1]; ties share slots (see module docstring); NaN where the mask is empty or attr is not
+        finite.
     """
-    a, fg, n_fg = _flat(attr, mask)
+    a, fg, n_fg, finite = _flat(attr, mask)
     kk = _k_pixels(k, a.shape[1])
     inter = _topk_overlap(a.to(n_fg.dtype), fg, torch.full_like(fg[:, 0], kk, dtype=torch.long))
-    return _excluded(inter / (kk + n_fg - inter), n_fg)
+    return _excluded(inter / (kk + n_fg - inter), n_fg, finite)
 
 
 def auroc(attr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -166,9 +189,10 @@ def auroc(attr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mask: bool (B, 1, H, W).
 
     Returns:
-        (B,) in [0, 1]; 0.5 for a constant map; NaN where the mask is empty or all foreground.
+        (B,) in [0, 1]; 0.5 for a constant map; NaN where the mask is empty or all foreground, or attr is
+        not finite.
     """
-    a, fg, n_fg = _flat(attr, mask)
+    a, fg, n_fg, finite = _flat(attr, mask)
     a64 = a.double()
     asc = a64.sort(1).values
     # 1-based mid-rank of every pixel: ties get the mean of the ranks they span.
@@ -177,7 +201,7 @@ def auroc(attr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     neg = a.shape[1] - pos
     u = (rank * fg).sum(1) - pos * (pos + 1) / 2
     value = (u / (pos * neg).clamp(min=1)).to(n_fg.dtype)
-    return torch.where((pos > 0) & (neg > 0), value, torch.full_like(value, math.nan))
+    return torch.where((pos > 0) & (neg > 0) & finite, value, torch.full_like(value, math.nan))
 
 
 def _disk(radius: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -187,7 +211,7 @@ def _disk(radius: float, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return ((off[:, None] ** 2 + off[None, :] ** 2) <= radius**2).to(dtype)[None, None]
 
 
-def pointing_game(attr: torch.Tensor, mask: torch.Tensor, *, tolerance: float = 15.0) -> torch.Tensor:
+def pointing_game(attr: torch.Tensor, mask: torch.Tensor, *, tolerance: float | None = None) -> torch.Tensor:
     """Pointing game (Zhang et al. 2018): a hit if the maximum of attr lies within `tolerance` pixels
     (Euclidean) of the foreground.
 
@@ -197,12 +221,16 @@ def pointing_game(attr: torch.Tensor, mask: torch.Tensor, *, tolerance: float = 
     Args:
         attr: float (B, 1, H, W).
         mask: bool (B, 1, H, W).
-        tolerance: radius in pixels, >= 0; 0 means the maximum must lie on the foreground.
+        tolerance: radius in pixels, >= 0; 0 means the maximum must lie on the foreground. None (default):
+            `default_tolerance(H, W)`, 15 px at 224 px scaled to the image (4 px at 64 px).
 
     Returns:
-        (B,) of 1.0 (hit) / 0.0 (miss); NaN where the mask is empty (excluded, never a hit).
+        (B,) of 1.0 (hit) / 0.0 (miss); NaN where the mask is empty (excluded, never a hit) or attr is not
+        finite (invalid, never a miss).
     """
-    a, fg, n_fg = _flat(attr, mask)
+    a, fg, n_fg, finite = _flat(attr, mask)
+    if tolerance is None:
+        tolerance = default_tolerance(*attr.shape[-2:])
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 pixels; got {tolerance}")
     hi, lo = a.amax(1, keepdim=True), a.amin(1, keepdim=True)
@@ -212,4 +240,4 @@ def pointing_game(attr: torch.Tensor, mask: torch.Tensor, *, tolerance: float = 
         disk = _disk(tolerance, torch.float32, attr.device)
         near = F.conv2d(mask.float(), disk, padding=disk.shape[-1] // 2) > 0.5
     hit = ((a == hi) & near.flatten(1)).any(1) & (hi > lo).squeeze(1)
-    return _excluded(hit.to(n_fg.dtype), n_fg)
+    return _excluded(hit.to(n_fg.dtype), n_fg, finite)

@@ -1,8 +1,9 @@
 """Accumulating metrics (torchmetrics.Metric) that share the implementation of `sib.metrics.functional`.
 
 Each `update(attr, mask, model=None, x=None, target=None)` evaluates the per-sample function on the
-batch and adds the non-NaN values to on-device sums; NaN values (empty foreground: "excluded") are
-skipped and counted in `excluded`. `compute()` is the mean over counted samples (NaN if there are none);
+batch and adds the non-NaN values to on-device sums; NaN values are skipped and counted, in `invalid`
+where the sample's attribution is not finite (NaN or +-inf anywhere in its map, whatever the mask), else
+in `excluded` (empty foreground). `compute()` is the mean over counted samples (NaN if there are none);
 `PointingGame` reports the mean over classes of the per-class hit rate, so it needs `target`.
 States are sums, so they reduce across processes with "sum" (DDP-safe).
 """
@@ -19,6 +20,14 @@ from torchmetrics import Metric
 
 from sib.metrics import faithfulness as FA
 from sib.metrics import localisation as LO
+from sib.metrics._checks import finite_rows
+
+
+def _skipped(v: torch.Tensor, attr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B,) bool masks of the values used, the invalid samples (non-finite attr) and the excluded ones."""
+    invalid = ~finite_rows(attr).to(v.device)
+    used = ~torch.isnan(v)
+    return used, invalid & ~used, ~used & ~invalid
 
 
 class _SampleMean(Metric):
@@ -36,6 +45,7 @@ class _SampleMean(Metric):
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("excluded", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("invalid", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def values(self, attr: torch.Tensor, mask: torch.Tensor | None, model: nn.Module | None = None,
                x: torch.Tensor | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,10 +58,11 @@ class _SampleMean(Metric):
     def update(self, attr: torch.Tensor, mask: torch.Tensor | None, model: nn.Module | None = None,
                x: torch.Tensor | None = None, target: torch.Tensor | None = None) -> None:
         v = self.values(attr, mask, model, x, target)
-        valid = ~torch.isnan(v)
-        self.total += torch.where(valid, v, torch.zeros_like(v)).sum().double()
-        self.count += valid.sum()
-        self.excluded += (~valid).sum()
+        used, invalid, excluded = _skipped(v, attr)
+        self.total += torch.where(used, v, torch.zeros_like(v)).sum().double()
+        self.count += used.sum()
+        self.excluded += excluded.sum()
+        self.invalid += invalid.sum()
 
     def compute(self) -> torch.Tensor:
         return torch.where(self.count > 0, self.total / self.count.clamp(min=1),
@@ -83,30 +94,33 @@ class PointingGame(Metric):
 
     Args:
         num_classes: number of classes K (targets must lie in [0, K)).
-        tolerance: pixels, passed to `sib.metrics.functional.pointing_game`.
+        tolerance: pixels, passed to `sib.metrics.functional.pointing_game`; None (default) scales 15 px at
+            224 px to the image (`sib.metrics.localisation.default_tolerance`).
     """
 
     is_differentiable = False
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, num_classes: int, tolerance: float = 15.0, **kwargs: Any) -> None:
+    def __init__(self, num_classes: int, tolerance: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_classes, self.tolerance = num_classes, tolerance
         self.add_state("hits", torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("seen", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("excluded", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("invalid", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, attr: torch.Tensor, mask: torch.Tensor, model: nn.Module | None = None,
                x: torch.Tensor | None = None, target: torch.Tensor | None = None) -> None:
         if target is None or target.shape != (attr.shape[0],):
             raise ValueError("PointingGame.update needs target= (B,) class indices for the per-class mean")
         v = LO.pointing_game(attr, mask, tolerance=self.tolerance)
-        valid = ~torch.isnan(v)
+        used, invalid, excluded = _skipped(v, attr)
         target = target.to(self.hits.device, torch.long)
-        self.hits.index_add_(0, target, torch.where(valid, v, torch.zeros_like(v)).double())
-        self.seen.index_add_(0, target, valid.long())
-        self.excluded += (~valid).sum()
+        self.hits.index_add_(0, target, torch.where(used, v, torch.zeros_like(v)).double())
+        self.seen.index_add_(0, target, used.long())
+        self.excluded += excluded.sum()
+        self.invalid += invalid.sum()
 
     def compute(self) -> torch.Tensor:
         seen = self.seen > 0
