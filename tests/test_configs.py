@@ -13,7 +13,7 @@ from sib.config import TrainConfig, build_config
 from sib.train import load_checkpoint, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = sorted(CONFIGS.glob("*.yaml"))
+PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("study_"))  # study files: test_study
 DATASETS = ["cifar100", "cub200", "imagenet", "oxford_pets", "stanford_dogs"]
 MODELS = ["densenet121", "resnet18", "resnet50", "vit_b_32"]
 
