@@ -67,3 +67,37 @@ def test_pretrained_local_file(tmp_path):
         create_model("tiny_cnn", 3, pretrained=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="do not fit"):
         create_model("tiny_cnn", 4, pretrained=tmp_path / "w.pt")
+
+
+def test_mlp_shapes_sizes_and_input_check():
+    m = create_model("mlp", 10, image_size=28).eval()
+    assert m(torch.randn(4, 3, 28, 28)).shape == (4, 10)
+    linears = [layer for layer in m.modules() if isinstance(layer, torch.nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(3 * 28 * 28, 50), (50, 30), (30, 10)]
+    wide = create_model("mlp", 3, image_size=16, hidden=(20,))
+    assert [lin.out_features for lin in wide.modules() if isinstance(lin, torch.nn.Linear)] == [20, 3]
+    with pytest.raises(ValueError, match=r"built for \(B, 3, 28, 28\).*image_size=32"):
+        m(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="takes no options"):
+        create_model("tiny_cnn", 3, hidden=(4,))
+
+
+def test_mlp_cam_error_names_the_model_and_the_methods_that_work():
+    from sib.explain import EXPLAINERS, explain
+
+    m = create_model("mlp", 4, image_size=16).eval()
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="'mlp' has no convolutional layer") as err:
+        cam_target_layer(m)
+    message = str(err.value)
+    cams, working = message.split("; use a gradient method: ")
+    for name in ("grad_cam", "score_cam", "eigen_cam"):
+        assert name in cams and name not in working
+        with pytest.raises(ValueError, match="'mlp' has no convolutional layer"):
+            explain(name, m, x, y)
+    working = working.split(", ")
+    assert {"saliency", "input_x_gradient", "integrated_gradients"} <= set(working)
+    assert set(working) < set(EXPLAINERS.names())
+    for name in working:  # every method the message recommends runs on the MLP
+        attr = explain(name, m, x, y)
+        assert attr.shape == (2, 1, 16, 16) and bool(torch.isfinite(attr).all()) and bool(attr.abs().sum() > 0)

@@ -5,6 +5,9 @@
 
 - "tiny_cnn":  two 3x3 conv layers, 8 channels; for tests (milliseconds per step).
 - "small_cnn": four conv-BN-ReLU blocks (32-64-128-128); the built-in demo's model (CPU minutes).
+- "mlp":       flatten, then Linear-ReLU layers (hidden sizes 50, 30 by default), a linear head: the model
+               family of Ross et al. 2017's Decoy MNIST. No convolutional layer, so CAM methods do not
+               apply to it (`cam_target_layer` says so); gradient methods do.
 - "resnet18", "resnet50", "densenet121", "vgg16_bn", "vit_b_32", "vit_b_16", and any other
   torchvision classification model by its builder name ("efficientnet_b0", ...), trained from scratch
   unless `pretrained` names a local weights file (never a hub download).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -68,7 +72,37 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))  # (B, C, 1, 1) -> (B, C) -> (B, K)
 
 
-_CUSTOM: dict[str, Callable[[int], nn.Module]] = {"tiny_cnn": TinyCNN, "small_cnn": SmallCNN}
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU layers, then a linear head: 3*S*S -> hidden[0] -> ... -> num_classes.
+
+    Args:
+        num_classes: output size K.
+        image_size: input side S (the first layer takes 3*S*S inputs).
+        hidden: sizes of the hidden layers; (50, 30) as Ross et al. 2017's Decoy MNIST MLP.
+    """
+
+    def __init__(self, num_classes: int, image_size: int, hidden: tuple[int, ...] | list[int] = (50, 30)) -> None:
+        super().__init__()
+        if not hidden or any(int(h) < 1 for h in hidden):
+            raise ValueError(f"mlp: hidden sizes must be a non-empty list of positive integers, got {hidden!r}")
+        self.image_size = image_size
+        sizes = [3 * image_size * image_size, *(int(h) for h in hidden)]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for cin, cout in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(cin, cout), nn.ReLU()]
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(sizes[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> logits (B, K)."""
+        if tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"mlp was built for (B, 3, {self.image_size}, {self.image_size}) inputs, "
+                             f"got {tuple(x.shape)}; create it with image_size={x.shape[-1]}")
+        return self.fc(self.layers(x))
+
+
+_CUSTOM: dict[str, Callable[..., nn.Module]] = {"tiny_cnn": TinyCNN, "small_cnn": SmallCNN, "mlp": MLP}
+_TAKES_SIZE = {"mlp"}  # our models built for one input size (and taking options)
 
 
 def available_models() -> list[str]:
@@ -76,8 +110,8 @@ def available_models() -> list[str]:
     return sorted(_CUSTOM) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def create_model(name: str, num_classes: int, image_size: int = 224, pretrained: str | Path | None = None
-                 ) -> nn.Module:
+def create_model(name: str, num_classes: int, image_size: int = 224, pretrained: str | Path | None = None,
+                 **options: Any) -> nn.Module:
     """Build a classifier by name.
 
     Args:
@@ -85,12 +119,16 @@ def create_model(name: str, num_classes: int, image_size: int = 224, pretrained:
         num_classes: size of the output layer.
         image_size: input side in pixels; sets the ResNet stem rule and the ViT image size.
         pretrained: optional path of a local state dict (or a sib checkpoint holding "model") to load.
+        **options: options of our own models (Python API only): "mlp" takes `hidden` (e.g. (50, 30)).
 
     Returns:
         nn.Module with attributes `sib_name` (the registry name) and `sib_num_classes`.
     """
+    if options and name not in _TAKES_SIZE:
+        raise ValueError(f"model {name!r} takes no options; got {sorted(options)}")
     if name in _CUSTOM:
-        model = _CUSTOM[name](num_classes)
+        sized = (image_size,) if name in _TAKES_SIZE else ()
+        model = _CUSTOM[name](num_classes, *sized, **options)
     else:
         valid = available_models()
         if name not in valid:
@@ -124,10 +162,15 @@ def cam_target_layer(model: nn.Module) -> nn.Module:
     """The layer whose activations CAM methods weight, chosen by model family.
 
     ResNet: layer4; DenseNet: features (ends with norm5); VGG and our CNNs: features; ViT: the last
-    encoder block's first LayerNorm (tokens; see `cam_reshape`). Other families raise a ValueError asking
-    for an explicit `target_layer`.
+    encoder block's first LayerNorm (tokens; see `cam_reshape`). The MLP has no spatial layer: a ValueError
+    names the methods that do work on it. Other families raise a ValueError asking for an explicit
+    `target_layer`.
     """
     m = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    if isinstance(m, MLP):
+        cams, others = _methods_by_kind()
+        raise ValueError(f"model 'mlp' has no convolutional layer, so the CAM methods ({', '.join(cams)}) do not "
+                         f"apply to it; use a gradient method: {', '.join(others)}")
     if isinstance(m, torchvision.models.ResNet):
         return m.layer4
     if isinstance(m, torchvision.models.VisionTransformer):
@@ -136,6 +179,14 @@ def cam_target_layer(model: nn.Module) -> nn.Module:
         return m.features
     raise ValueError(f"no default CAM target layer for {type(m).__name__}; pass target_layer= "
                      f"(the last convolutional block, as an nn.Module of the model)")
+
+
+def _methods_by_kind() -> tuple[list[str], list[str]]:
+    """(CAM methods, the other explainers) among the registered explainers' names."""
+    from sib.explain import EXPLAINERS  # here, not at the top: sib.explain.cam imports this module
+
+    cams = [n for n in EXPLAINERS.names() if EXPLAINERS.get(n).__module__ == "sib.explain.cam"]
+    return cams, [n for n in EXPLAINERS.names() if n not in cams]
 
 
 def cam_reshape(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -20,6 +20,7 @@ from sib.registry import Registry
 
 DATASETS: Registry[type] = Registry("dataset")
 DATASETS.register("synthetic", "sib.data.synthetic:SyntheticBenchmark")
+DATASETS.register("decoy_digits", "sib.data.decoy:DecoyDigits")
 DATASETS.register("oxford_pets", "sib.data.oxford_pets:OxfordPets")
 DATASETS.register("cub200", "sib.data.cub200:CUB200")
 DATASETS.register("stanford_dogs", "sib.data.stanford_dogs:StanfordDogs")

@@ -155,7 +155,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `sib data check`."""
-    parser.add_argument("--dataset", required=True, choices=[n for n in DATASETS.names() if n != "synthetic"],
+    generated = ("synthetic", "decoy_digits")  # no folder to check
+    parser.add_argument("--dataset", required=True, choices=[n for n in DATASETS.names() if n not in generated],
                         help="dataset format (registry name)")
     parser.add_argument("--root", required=True, help="the dataset's folder, in its authors' layout")
     parser.add_argument("--option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
