@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -48,3 +49,14 @@ def test_os_error_inside_torch_save_is_reported_as_that_error_naming_the_file(tm
     assert err.value.errno == errno.ENOSPC
     assert p.read_bytes() == before
     assert [q.name for q in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_atomic_write_gives_the_permissions_of_an_ordinary_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(old)
+    # mkstemp's 0600 made results unreadable to the user's group and to other tools' users
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644
