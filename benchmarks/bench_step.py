@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py                       # ResNet-18, 64 px, batch 32, CPU
     python benchmarks/bench_step.py --device cuda --image-size 224 --regularizers none sib sib@4 rrr energy
+    python benchmarks/bench_step.py --threads 2 --rounds 3 --regularizers none sib sib+fastbn sib+cl
 
 A step is: forward, cross-entropy (+ regulariser), backward, AdamW step, built by `sib.step.step_loss`
 exactly as the trainer builds it (math attention kernel on regularised steps). A variant `name@K` is
@@ -9,13 +10,17 @@ exactly as the trainer builds it (math attention kernel on regularised steps). A
 per-step cost, (time of the K steps) / K, the median over cycles. Each variant runs in its own
 subprocess so that peak memory is its own: on CPU the process's peak resident set size growth over the
 state before the first step; on CUDA `torch.cuda.max_memory_allocated`. The last line is
-`sib_over_plain: <ratio>` (median S-IB step time / median plain step time).
+`sib_over_plain: <ratio>` (median S-IB step time / median plain step time), after
+`sib_peak_memory_over_plain`. Also printed: each variant's median CPU time per step (steadier than wall
+time on a loaded machine) and, for a variant with options (`+cl`, `+fastbn`), the cosine and relative
+error of its parameter gradient vs the plain double backward's on the same model and batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,30 +28,55 @@ import sys
 import time
 
 
-def run_variant(args: argparse.Namespace, regularizer: str) -> dict:
+def build(args: argparse.Namespace, opts: set[str], seed: int = 0):
+    """Model (train mode), a batch and its mask, with the variant's options applied."""
     import torch
 
+    from sib.fast_bn import use_fast_batchnorm
     from sib.models import create_model
+
+    opts = opts | ({"cl"} if args.channels_last else set())
+    torch.manual_seed(seed)
+    device = torch.device(args.device)
+    fmt = torch.channels_last if "cl" in opts else torch.contiguous_format
+    model = create_model(args.model, args.num_classes, args.image_size).to(device).train()
+    model = model.to(memory_format=fmt)
+    if "fastbn" in opts:
+        use_fast_batchnorm(model)
+    x0 = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    x0 = x0.contiguous(memory_format=fmt)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    side = args.image_size
+    mask = torch.zeros(args.batch_size, 1, side, side, dtype=torch.bool, device=device)
+    mask[:, :, side // 4: 3 * side // 4, side // 4: 3 * side // 4] = True
+    return model, x0, y, mask, fmt
+
+
+def amp_dtype(args: argparse.Namespace):
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+
+def run_variant(args: argparse.Namespace, variant: str) -> dict:
+    import torch
+
     from sib.regularizers import create_regularizer
     from sib.step import step_loss
 
-    name, _, every = regularizer.partition("@")
+    spec, *opts = variant.split("+")
+    name, _, every = spec.partition("@")
     every = int(every or 1)
-
-    torch.manual_seed(0)
-    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = create_model(args.model, args.num_classes, args.image_size).to(device).train()
+    model, x0, y, mask, fmt = build(args, set(opts))
+    device = x0.device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reg = create_regularizer(name)
-    x0 = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    mask = torch.zeros(args.batch_size, 1, args.image_size, args.image_size, dtype=torch.bool, device=device)
-    mask[:, :, args.image_size // 4: 3 * args.image_size // 4, args.image_size // 4: 3 * args.image_size // 4] = True
 
     def one(regularise: bool) -> None:
-        _, ce, r = step_loss(model, reg, x0.clone(), y, mask, regularise=regularise)
+        _, ce, r = step_loss(model, reg, x0.clone(memory_format=fmt), y, mask, regularise=regularise,
+                             amp_dtype=amp_dtype(args), reg_precision=args.reg_precision)
         opt.zero_grad(set_to_none=True)
         (ce if r is None else ce + r.loss).backward()
         opt.step()
@@ -58,22 +88,57 @@ def run_variant(args: argparse.Namespace, regularizer: str) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu = [], []
+    prof = None
     for i in range(args.warmup + args.steps):
+        if args.profile and i == args.warmup:  # the timed steps, by operator
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU]
+                           + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+            prof.__enter__()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append((time.perf_counter() - t) / every)
+            cpu.append((time.process_time() - c) / every)
+    table = ""
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=44)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # ru_maxrss is KiB
-    return {"regularizer": regularizer, "median_s": statistics.median(times), "min_s": min(times),
-            "peak_mib": peak_mib}
+    return {"variant": variant, "median_s": statistics.median(times), "min_s": min(times),
+            "cpu_s": statistics.median(cpu), "peak_mib": peak_mib, "profile": table,
+            **gradient_check(args, name, set(opts))}
+
+
+def gradient_check(args: argparse.Namespace, name: str, opts: set[str]) -> dict:
+    """For a variant with options: cosine and relative error of its parameter gradient of one regularised
+    loss vs the plain double backward's (same initial model and batch); {} for a plain variant."""
+    import torch
+
+    from sib.regularizers import create_regularizer
+    from sib.step import step_loss
+
+    if not opts or name == "none":
+        return {}
+    grads = []
+    for o in (set(), opts):
+        model, x0, y, mask, fmt = build(args, o)
+        _, ce, r = step_loss(model, create_regularizer(name), x0.clone(memory_format=fmt), y, mask, regularise=True)
+        g = torch.autograd.grad(ce + r.loss, [p for p in model.parameters() if p.requires_grad])
+        grads.append(torch.cat([t.flatten().double() for t in g]))
+    a, b = grads
+    return {"cosine": float(torch.nn.functional.cosine_similarity(a, b, 0)),
+            "rel_err": float((a - b).norm() / a.norm())}
 
 
 def main() -> None:
@@ -87,28 +152,53 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--regularizers", nargs="+", default=["none", "sib", "sib@4", "rrr", "energy"],
-                   help="registry names; name@K = every K-th step regularised (amortised per-step time)")
+                   help="registry names; name@K = every K-th step regularised (amortised per-step time); "
+                        "+cl: channels_last model and input; +fastbn: sib.fast_bn.FastBatchNorm2d")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the steps")
+    p.add_argument("--reg-precision", choices=["fp32", "amp"], default="fp32",
+                   help="as the trainer's --reg-precision: fp32 runs the regularised step without autocast")
+    p.add_argument("--channels-last", action="store_true", help="every variant channels_last (as +cl)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print each variant's top N operators (torch.profiler, self time) over its timed steps "
+                        "(the times then include the profiler's overhead: take ratios from a run without it)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds over all variants, alternated (each variant's fastest round is kept): on a "
+                        "loaded machine both sides of a ratio then see the same load")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._variant:  # child process: one variant, result as JSON on the last line
         print(json.dumps(run_variant(args, args._variant)))
         return
-    if "none" not in args.regularizers:
+    if "none" not in args.regularizers:  # the reference of every ratio
         args.regularizers.insert(0, "none")
-    results = {}
+    results: dict[str, dict] = {}
     base = [a for a in sys.argv[1:] if not a.startswith("--_variant")]
-    for r in args.regularizers:
-        out = subprocess.run([sys.executable, __file__, *base, "--_variant", r], check=True, capture_output=True,
-                             text=True).stdout
-        results[r] = json.loads(out.strip().splitlines()[-1])
+    for _ in range(args.rounds):
+        for r in args.regularizers:
+            out = subprocess.run([sys.executable, __file__, *base, "--_variant", r], check=True, capture_output=True,
+                                 text=True).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+            if r not in results or res["median_s"] < results[r]["median_s"]:
+                results[r] = res
     print(f"model={args.model} image={args.image_size}px batch={args.batch_size} device={args.device} "
-          f"steps={args.steps} (median of), warmup={args.warmup}")
-    plain = results["none"]["median_s"]
-    print(f"{'regularizer':<12}{'median ms':>12}{'min ms':>10}{'peak MiB':>10}{'x plain':>9}")
+          f"precision={args.precision} reg-precision={args.reg_precision} channels_last={args.channels_last}\n"
+          f"threads={args.threads or 'default'} "
+          f"steps={args.steps} (median of), "
+          f"warmup={args.warmup}, rounds={args.rounds} (fastest kept); load average {os.getloadavg()[0]:.1f}")
+    plain, plain_cpu = results["none"]["median_s"], results["none"]["cpu_s"]
+    plain_mem = max(results["none"]["peak_mib"], 1e-9)
+    print(f"{'variant':<16}{'median ms':>11}{'min ms':>9}{'cpu ms':>9}{'peak MiB':>10}{'x plain':>9}{'cpu x':>7}"
+          f"{'mem x':>7}  gradient vs plain double backward")
     for r, res in results.items():
-        print(f"{r:<12}{res['median_s'] * 1e3:>12.1f}{res['min_s'] * 1e3:>10.1f}{res['peak_mib']:>10.0f}"
-              f"{res['median_s'] / plain:>9.2f}")
+        check = f"cos {res['cosine']:.7f}, rel err {res['rel_err']:.1e}" if "cosine" in res else ""
+        print(f"{r:<16}{res['median_s'] * 1e3:>11.1f}{res['min_s'] * 1e3:>9.1f}{res['cpu_s'] * 1e3:>9.1f}"
+              f"{res['peak_mib']:>10.0f}{res['median_s'] / plain:>9.2f}{res['cpu_s'] / plain_cpu:>7.2f}"
+              f"{res['peak_mib'] / plain_mem:>7.2f}  {check}")
+    for r, res in results.items():
+        if res.get("profile"):
+            print(f"\n--- {r}: top {args.profile} operators by self time over {args.steps} steps\n{res['profile']}")
     if "sib" in results:
+        print(f"sib_peak_memory_over_plain: {results['sib']['peak_mib'] / plain_mem:.2f}")
         print(f"sib_over_plain: {results['sib']['median_s'] / plain:.2f}")
 
 

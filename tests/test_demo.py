@@ -62,10 +62,10 @@ def test_demo_without_overwrite_leaves_an_existing_run_alone(tmp_path, make_tiny
     out = tmp_path / "demo"
     train(make_tiny_config(out / "ce", profile_steps=0))
     (out / "ce" / "thesis.tex").write_text("chapter 1")
-    before = {p.name: p.read_bytes() for p in (out / "ce").iterdir()}
+    before = {p: p.read_bytes() for p in (out / "ce").rglob("*") if p.is_file()}  # tensorboard/ too
     res = _demo(out)
     assert res.returncode == 2 and "sib demo: error: --out" in res.stderr and "pass --overwrite" in res.stderr
-    assert {p.name: p.read_bytes() for p in (out / "ce").iterdir()} == before
+    assert {p: p.read_bytes() for p in (out / "ce").rglob("*") if p.is_file()} == before
 
 
 def test_demo_folder_kind_knows_the_demo_runs():

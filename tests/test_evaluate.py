@@ -141,3 +141,205 @@ def test_method_and_metric_options_are_passed_and_checked(run, tmp_path):
         evaluate(_cfg(run, tmp_path, metric_options={"auroc": {}}, overwrite=True))
     with pytest.raises(ValueError, match="method_options names \\['grad_cam_pp'\\]"):
         evaluate(_cfg(run, tmp_path, method_options={"grad_cam_pp": {}}, overwrite=True))
+
+
+# ------------------------------------------------- --dataset / --root: another copy, another dataset, same classes
+
+PET_BREEDS = {"Abyssinian": 1, "american_bulldog": 2, "Bengal": 6}  # oxford-pets CLASS-IDs (run order: by id)
+
+
+def _write_pets(root, breeds=PET_BREEDS, trainval=10, test=3, seed=0):
+    """An Oxford-IIIT Pet folder in the authors' layout: JPEG images, trimaps, trainval/test/list.txt."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "annotations" / "trimaps").mkdir(parents=True)
+    lists = {"trainval": [], "test": []}
+    for k, (breed, cid) in enumerate(breeds.items()):
+        for n in range(1, trainval + test + 1):
+            name = f"{breed}_{n}"
+            lists["trainval" if n <= trainval else "test"].append(f"{name} {cid} 1 {n}")
+            img = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+            img[8:22, 10:30] = (80 * k, 255 - 80 * k, 128)  # the pet: a class-coloured box
+            Image.fromarray(img).save(root / "images" / f"{name}.jpg", quality=95)
+            trimap = np.full((30, 40), 2, np.uint8)
+            trimap[8:22, 10:30] = 1
+            Image.fromarray(trimap).save(root / "annotations" / "trimaps" / f"{name}.png")
+    for split, lines in lists.items():
+        (root / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    (root / "annotations" / "list.txt").write_text("\n".join(lists["trainval"] + lists["test"]) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory, make_tiny_config):
+    """A tiny run trained on one pets folder, and that folder."""
+    base = tmp_path_factory.mktemp("pets")
+    root = _write_pets(base / "pets_a")
+    out = base / "run"
+    train(make_tiny_config(out, dataset="oxford_pets", root=str(root), dataset_options={}, batch_size=6,
+                           eval_splits=["test"], tensorboard=False, profile_steps=0))
+    return out, root
+
+
+def _rows(out):
+    rows = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["metric"] != "_batch_done"]
+
+
+def _pet_cfg(run, out, **kw):
+    return EvalConfig(checkpoint=str(run), splits=["test"], methods=["saliency"], metrics=["pointing_game"],
+                      batch_size=4, out=str(out), device="cpu", **kw)
+
+
+def test_evaluate_on_another_copy_keeps_the_run_transform_and_records_the_data(pets, tmp_path):
+    run, root = pets
+    own = evaluate(_pet_cfg(run, tmp_path / "own"))
+    copy = shutil.copytree(root, tmp_path / "copy")
+    other = evaluate(_pet_cfg(run, tmp_path / "copy_ev", root=str(copy)))
+    assert _rows(tmp_path / "copy_ev") == _rows(tmp_path / "own")  # same pixels, same transform: same rows
+    assert [r["value"] for r in other.summary] == [r["value"] for r in own.summary]
+    # a different collection of the same breeds (2 test images each): read from --root, at the run's 32 px
+    smaller = _write_pets(tmp_path / "pets_b", test=2, seed=1)
+    result = evaluate(_pet_cfg(run, tmp_path / "b_ev", root=str(smaller)))
+    acc = next(r for r in result.summary if r["metric"] == "accuracy")
+    assert acc["n"] == 6
+    pg = next(r for r in result.summary if r["metric"] == "pointing_game")
+    assert pg["tolerance_px"] == 2  # round(15 * 32 / 224): the run's image size, not the loader's 224 default
+    recorded = json.loads((tmp_path / "b_ev" / "eval_config.json").read_text())
+    assert recorded["root"] == str(smaller) and recorded["dataset"] is None
+    assert recorded["evaluated_data"] == {"dataset": "oxford_pets", "root": str(smaller), "dataset_options": {},
+                                          "image_size": 32, "normalization": "half",
+                                          "classes": ["Abyssinian", "american_bulldog", "Bengal"], "label_map": None}
+
+
+def test_evaluate_on_another_dataset_with_the_same_classes_in_another_order(pets, tmp_path):
+    """An image_folder holding the pets' test images: classes sorted by name (Abyssinian, Bengal,
+    american_bulldog), mapped onto the run's order (Abyssinian, american_bulldog, Bengal)."""
+    from sib.cli import main
+
+    run, root = pets
+    folder = tmp_path / "folder"
+    for line in (root / "annotations" / "test.txt").read_text().split("\n"):
+        if line:
+            name = line.split()[0]
+            breed = name.rsplit("_", 1)[0]
+            (folder / "train" / breed).mkdir(parents=True, exist_ok=True)
+            (folder / "test" / breed).mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / "images" / f"{name}.jpg", folder / "test" / breed / f"{name}.jpg")
+            shutil.copy(root / "images" / f"{name}.jpg", folder / "train" / breed / f"{name}.jpg")
+    assert main(["evaluate", "--checkpoint", str(run), "--dataset", "image_folder", "--root", str(folder),
+                 "--split", "test", "--methods", "saliency", "--metrics", "pointing_game", "--out",
+                 str(tmp_path / "if_ev"), "--device", "cpu"]) == 0
+    evaluate(_pet_cfg(run, tmp_path / "own"))
+    pairs = sorted((r["label"], r["pred"]) for r in _rows(tmp_path / "if_ev") if r["metric"] == "accuracy")
+    assert pairs == sorted((r["label"], r["pred"]) for r in _rows(tmp_path / "own") if r["metric"] == "accuracy")
+    recorded = json.loads((tmp_path / "if_ev" / "eval_config.json").read_text())["evaluated_data"]
+    assert recorded["dataset"] == "image_folder" and recorded["label_map"] == [0, 2, 1]
+
+
+@pytest.mark.parametrize("breeds, message", [
+    ({"Abyssinian": 1, "american_bulldog": 2, "Persian": 7},
+     r"its classes are not the run's: the run has 3 \(Abyssinian, american_bulldog, Bengal\), the dataset 3 "
+     r"\(Abyssinian, american_bulldog, Persian\); missing: Bengal; not in the run: Persian"),
+    ({"Abyssinian": 1, "american_bulldog": 2},
+     r"the run has 3 \(Abyssinian, american_bulldog, Bengal\), the dataset 2 \(Abyssinian, american_bulldog\); "
+     r"missing: Bengal; not in the run: -"),
+])
+def test_class_mismatch_is_a_clear_error_before_anything_is_written(pets, tmp_path, capsys, breeds, message):
+    from sib.cli import main
+
+    run, _ = pets
+    other = _write_pets(tmp_path / "other", breeds=breeds)
+    with pytest.raises(ValueError, match=message):
+        evaluate(_pet_cfg(run, tmp_path / "ev", dataset="oxford_pets", root=str(other)))
+    assert not (tmp_path / "ev").exists()
+    assert main(["evaluate", "--checkpoint", str(run), "--dataset", "oxford_pets", "--root", str(other),
+                 "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "its classes are not the run's" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_of_an_evaluation_saved_before_the_dataset_fields(run, tmp_path):
+    """eval_config.json written before `dataset`/`root`/`dataset_options` existed still resumes."""
+    cfg = _cfg(run, tmp_path, splits=["test"], methods=["saliency"], metrics=["energy_pointing_game"])
+    evaluate(cfg)
+    path = tmp_path / "ev" / "eval_config.json"
+    saved = json.loads(path.read_text())
+    for key in ("dataset", "root", "dataset_options", "evaluated_data"):
+        saved.pop(key)
+    path.write_text(json.dumps(saved))
+    again = evaluate(EvalConfig(**{**cfg.__dict__, "resume": True}))
+    assert [r["value"] for r in again.summary] == [r["value"] for r in evaluate(
+        EvalConfig(**{**cfg.__dict__, "out": str(tmp_path / "fresh")})).summary]
+
+
+# ------------------------------------------------- summaries from streamed sums (memory flat in the images)
+
+
+def _random_rows(seed=0, n=600):
+    """Rows as the evaluator writes them (and some as an older per_image.jsonl did, without a status)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        split = rng.choice(["test", "test_shifted"])
+        label = rng.randrange(4)
+        rows.append({"split": split, "index": i, "label": label, "method": "-", "metric": "accuracy",
+                     "value": float(rng.random() < 0.7), "status": "ok"})
+        for method in ("grad_cam", "saliency"):
+            status = rng.choices(["ok", "excluded", "invalid"], [8, 1, 1])[0]
+            for metric in ("energy_pointing_game", "pointing_game", "deletion_auc"):
+                value = math.nan if status != "ok" else (
+                    float(rng.random() < 0.5) if metric == "pointing_game" else rng.random() * 10 ** rng.randint(-3, 2))
+                row = {"split": split, "index": i, "label": label, "method": method, "metric": metric,
+                       "value": value, "status": status}
+                if metric == "pointing_game":
+                    row["tolerance_px"] = 2 if i < n // 2 else 3  # two radii in one group: listed
+                if method == "saliency" and metric == "deletion_auc" and i % 7 == 0:
+                    del row["status"]  # a group mixing rows with and without status: every NaN is excluded
+                rows.append(row)
+    return rows
+
+
+def _assert_same_summary(got, want):
+    assert [(r["split"], r["method"], r["metric"]) for r in got] == [(r["split"], r["method"], r["metric"])
+                                                                      for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert set(g) == set(w)
+        for k, v in w.items():
+            if isinstance(v, float) and math.isnan(v):
+                assert math.isnan(g[k]), k
+            elif isinstance(v, float):
+                assert abs(g[k] - v) <= 1e-12 * max(1.0, abs(v)), (k, g[k], v)
+            else:
+                assert g[k] == v, (k, g[k], v)
+
+
+def test_streamed_summary_equals_the_two_pass_summary_on_the_same_rows():
+    from sib.eval_summary import SummaryStream
+    from sib.evaluate import summarise
+
+    rows = _random_rows()
+    rows += [{"split": "val", "index": 0, "label": 1, "method": "saliency", "metric": "auroc", "value": math.nan,
+              "status": "excluded"}]  # a group with no value: NaN, n 0
+    stream = SummaryStream()
+    for r in rows:
+        stream.add(r)
+    want = summarise(rows, "run")
+    _assert_same_summary(stream.summary("run"), want)
+    mixed = next(r for r in want if (r["split"], r["method"], r["metric"]) == ("test", "saliency", "deletion_auc"))
+    assert mixed["invalid"] == 0 and mixed["excluded"] > 0  # the older-file rule applied to the whole group
+    assert any(r["tolerance_px"] == "2, 3" for r in want)
+
+
+def test_evaluation_summary_equals_the_two_pass_summary_of_its_per_image_file(run, tmp_path):
+    from sib.evaluate import summarise
+
+    result = evaluate(_cfg(run, tmp_path, metrics=["energy_pointing_game", "pointing_game", "average_drop"]))
+    rows = [json.loads(line) for line in (result.out / "per_image.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["metric"] != "_batch_done"]
+    _assert_same_summary(result.summary, summarise(rows, run.name))

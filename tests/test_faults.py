@@ -242,8 +242,8 @@ def test_a_foreign_non_empty_folder_is_refused(cfg, tmp_path, overwrite):
 
 @pytest.mark.parametrize("checkpoint", ["folder", "file"])
 def test_evaluating_into_the_run_folder_is_refused(run, checkpoint):
-    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}  # tensorboard/ too
     target = run if checkpoint == "folder" else run / CHECKPOINT
     with pytest.raises(ValueError, match="is the run folder of --checkpoint .*default: .*eval"):
         evaluate(EvalConfig(checkpoint=str(target), out=str(run), overwrite=True, device="cpu"))
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files

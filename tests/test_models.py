@@ -1,6 +1,9 @@
-"""Model factory, small-image stem rule, CAM layers, local weights."""
+"""Model factory, small-image stem rule, CAM layers, local weights, torchvision weights by name."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -101,3 +104,72 @@ def test_mlp_cam_error_names_the_model_and_the_methods_that_work():
     for name in working:  # every method the message recommends runs on the MLP
         attr = explain(name, m, x, y)
         assert attr.shape == (2, 1, 16, 16) and bool(torch.isfinite(attr).all()) and bool(attr.abs().sum() > 0)
+
+
+# ------------------------------------------------------------------ --pretrained by torchvision weight name
+
+def _cache_file(torch_home, weights) -> Path:
+    """Where torch hub keeps `weights`: TORCH_HOME/hub/checkpoints/<file name of the URL>."""
+    return Path(torch_home) / "hub" / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty torch hub cache under tmp_path, and every download routed to a closed local port (fails at once)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "torch_home"
+
+
+def test_pretrained_weight_name_is_read_from_the_hub_cache(offline):
+    weights = torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1
+    torch.manual_seed(0)
+    source = torchvision.models.squeezenet1_1(num_classes=1000).state_dict()  # stands for the published file
+    cached = _cache_file(offline, weights)
+    cached.parent.mkdir(parents=True)
+    torch.save(source, cached)
+    for name in ("IMAGENET1K_V1", "DEFAULT", "SqueezeNet1_1_Weights.IMAGENET1K_V1"):
+        model = create_model("squeezenet1_1", 1000, 64, pretrained=name)
+        assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items()), name
+    # another class count: every weight but the classifier's is loaded, the head is the new size
+    model = create_model("squeezenet1_1", 3, 64, pretrained="IMAGENET1K_V1")
+    state = model.state_dict()
+    head = {"classifier.1.weight", "classifier.1.bias"}
+    assert state["classifier.1.weight"].shape == (3, 512, 1, 1)
+    assert all(torch.equal(v, source[k]) for k, v in state.items() if k not in head)
+    assert sorted(k for k, v in state.items() if v.shape != source[k].shape) == sorted(head)
+
+
+def test_pretrained_weight_name_missing_offline_is_a_clear_error(offline):
+    weights = torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1
+    cached = _cache_file(offline, weights)
+    with pytest.raises(FileNotFoundError) as err:
+        create_model("squeezenet1_1", 3, 64, pretrained="IMAGENET1K_V1")
+    message = str(err.value)
+    assert "--pretrained IMAGENET1K_V1" in message and str(cached) in message and weights.url in message
+    assert "not in the torch hub cache" in message and "\n" not in message
+    assert not cached.exists()  # nothing half-downloaded is left to be mistaken for the weights
+
+
+def test_pretrained_weight_name_errors(offline, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"not a file, nor a torchvision weight name of squeezenet1_1; valid names: "
+                                         r"DEFAULT, IMAGENET1K_V1"):
+        create_model("squeezenet1_1", 3, 64, pretrained="IMAGENET1K_V9")
+    with pytest.raises(ValueError, match="model 'tiny_cnn' has no torchvision weights"):
+        create_model("tiny_cnn", 3, 32, pretrained="DEFAULT")
+    # a file of another model under this one's cache name: refused, naming the keys that do not fit
+    cached = _cache_file(offline, torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1)
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.squeezenet1_0().state_dict(), cached)
+    with pytest.raises(ValueError, match=r"do not fit this squeezenet1_1: features\.0\.weight \(96, 3, 7, 7\) vs "
+                                         r"\(64, 3, 3, 3\)"):
+        create_model("squeezenet1_1", 1000, 64, pretrained="IMAGENET1K_V1")
+    # a local file whose name looks like a weight name is still a file
+    monkeypatch.chdir(tmp_path)
+    source = create_model("tiny_cnn", 3)
+    torch.save(source.state_dict(), "DEFAULT")
+    model = create_model("tiny_cnn", 3, pretrained="DEFAULT")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())

@@ -51,3 +51,63 @@ def test_plain_step_needs_no_input_gradient():
     xs = x.clone()
     _, ce, r = step_loss(model, create_regularizer("sib"), xs, y, None, regularise=False)
     assert r is None and not xs.requires_grad and ce.dim() == 0
+
+
+# ------------------------------------------------- sib.fast_bn: a BatchNorm whose backward has a cheap backward
+
+
+def test_fast_batchnorm_backward_has_the_right_second_derivative():
+    from sib.fast_bn import _BNBackward
+
+    torch.manual_seed(0)
+    g = torch.randn(3, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def first_backward(g, x, w):
+        # the statistics enter the closed form as functions of x, so they are passed detached
+        var, mean = torch.var_mean(x, (0, 2, 3), unbiased=False)
+        return _BNBackward.apply(g, x, w, mean.detach(), (var.detach() + 1e-5).rsqrt(), 1e-5)
+
+    # first order: PyTorch's BatchNorm backward; second order: numerical differentiation of the first
+    y = torch.nn.functional.batch_norm(x, None, None, w, torch.zeros(2, dtype=torch.float64), training=True)
+    want = torch.autograd.grad(y, (x, w), g)
+    got = first_backward(g, x, w)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[2], g.sum((0, 2, 3)))
+    assert torch.autograd.gradcheck(first_backward, (g, x, w))
+
+
+def _sib_param_grad(model, x, y):
+    reg = create_regularizer("sib")
+    _, ce, r = step_loss(model, reg, x.clone(), y, None, regularise=True)
+    grads = torch.autograd.grad(ce + r.loss, list(model.parameters()))
+    return torch.cat([t.flatten().double() for t in grads])
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_fast_batchnorm_gives_the_plain_double_backward_gradient(arch):
+    import copy
+
+    from sib.fast_bn import FastBatchNorm2d, use_fast_batchnorm
+    from sib.models import create_model
+
+    torch.manual_seed(0)
+    plain = create_model(arch, 3, 32).train()
+    fast = copy.deepcopy(plain)
+    assert use_fast_batchnorm(fast) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) > 0
+    assert all(type(m) is FastBatchNorm2d for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0])
+    a, b = _sib_param_grad(plain, x, y), _sib_param_grad(fast, x, y)
+    cosine = torch.nn.functional.cosine_similarity(a, b, 0).item()
+    rel = ((a - b).norm() / a.norm()).item()
+    assert cosine >= 0.99999 and rel <= 1e-5, (cosine, rel)
+    # same buffers after the step (running statistics, batch count) and the same state_dict keys
+    assert plain.state_dict().keys() == fast.state_dict().keys()
+    for (name, p), q in zip(plain.state_dict().items(), fast.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, msg=name)
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x))

@@ -1,4 +1,8 @@
-"""`sib train | evaluate | study | demo | data check`: parse -> config -> library call. No logic lives here."""
+"""`sib train | evaluate | explain | study | demo | data check`: parse -> config -> library call. No logic lives here.
+
+Every flag has a one-line help with its default and allowed values: the config flags take theirs from the
+fields' metadata in sib.config (the README's option table comes from the same place).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sib.config import EvalConfig, TrainConfig, add_dataclass_arguments, build_config
+from sib.config import EvalConfig, ExplainConfig, TrainConfig, add_dataclass_arguments, build_config, field_help
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -31,6 +35,19 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        "excluded", "invalid", "tolerance_px"]))
     print(f"written: {result.out}/summary.{{csv,json,md}}, {result.out}/per_image.jsonl")
     return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from sib.explain_files import explain_images
+
+    cfg = build_config(ExplainConfig, args, args.config)
+    result = explain_images(cfg)
+    print(f"explained {len(result.explained)} image(s) with {', '.join(result.methods)}; written: {result.out}/"
+          f"predictions.{{json,csv}}, {result.out}/overlays/")
+    for file, reason in result.failed:
+        print(f"sib explain: skipped: {reason}" if file in reason else f"sib explain: skipped {file}: {reason}",
+              file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -59,6 +76,15 @@ def _study(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from sib.report.html import write_report
+
+    path = write_report(args.inputs, args.out, overwrite=args.overwrite, methods=args.methods, n_images=args.images,
+                        device=args.device)
+    print(f"report: {path} (open it in a browser; one self-contained file)")
+    return 0
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from sib.data.check import run
 
@@ -70,33 +96,59 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier with or without an explanation regulariser")
-    p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
+    p.add_argument("--config", default=None, help="YAML file of options (flags override it) (default: none)")
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="explanation methods x metrics over dataset splits for a run")
-    p.add_argument("--config", default=None, help="YAML file of options (flags override it)")
+    p.add_argument("--config", default=None, help="YAML file of options (flags override it) (default: none)")
     add_dataclass_arguments(p, EvalConfig)
     p.set_defaults(func=_evaluate)
 
+    p = sub.add_parser("explain", help="a trained run's prediction and explanations of your own image files")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help=field_help(ExplainConfig, "inputs"))
+    p.add_argument("--config", default=None, help="YAML file of options (flags override it) (default: none)")
+    add_dataclass_arguments(p, ExplainConfig, skip=("inputs",))
+    p.set_defaults(func=_explain)
+
     p = sub.add_parser("demo", help="CE vs S-IB on the built-in benchmark: train, evaluate, table, figure")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a tiny budget (under a minute), for tests")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", default="runs/demo", help="the demo folder (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a tiny budget (under a minute), for tests (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of both runs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="override the demo's epoch budget (default: the demo's own, fewer with --quick)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N "
+                                                    "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous demo in --out (only the files sib wrote) (default: off)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("study", help="settings x seeds as run folders (resumable), then paired statistics")
-    p.add_argument("--config", required=True, help="the study file (YAML: base, seeds, baseline, evaluate, settings)")
-    p.add_argument("--out", required=True, help="the study folder (rerun the same command to resume)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes (default 1)")
-    p.add_argument("--device", default=None, help="device of every run and evaluation (default: the file's)")
-    p.add_argument("--summary-only", action="store_true", help="only re-aggregate the runs on disk")
+    p.add_argument("--config", required=True,
+                   help="required: the study file (YAML: base, seeds, baseline, evaluate, settings)")
+    p.add_argument("--out", required=True, help="required: the study folder (rerun the same command to resume)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes (default: 1)")
+    p.add_argument("--device", default=None, help="device of every run and evaluation: auto, cpu, cuda or cuda:N "
+                                                  "(default: the file's)")
+    p.add_argument("--summary-only", action="store_true", help="only re-aggregate the runs on disk (default: off)")
     p.add_argument("--overwrite", action="store_true",
-                   help="accept a changed study file for --out: runs whose configuration changed are redone")
+                   help="accept a changed study file for --out: runs whose configuration changed are redone "
+                        "(default: off)")
     p.set_defaults(func=_study)
+
+    p = sub.add_parser("report", help="a static HTML report (one file, opens from disk) of runs, a demo or a study")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_STUDY",
+                   help="run folders (the first is the baseline), a demo folder, or one study folder")
+    p.add_argument("--out", required=True, help="required: the report folder; index.html is written there")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="explanation methods of the heatmap gallery (default: up to 4 that every run's evaluation "
+                        "ran)")
+    p.add_argument("--images", type=int, default=6, help="images per split in the gallery (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="where the gallery's models run: auto, cpu, cuda or cuda:N "
+                                                   "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous report in --out (only its index.html) (default: off)")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -5,6 +5,7 @@ Writes to `--out`:
     ce/, sib/                 the two training runs (config, log, checkpoints) and their eval/ folders
     comparison.{csv,json,md}  one row per (split, method, metric): CE, S-IB, S-IB - CE
     heatmaps_<split>.png      inputs, ground-truth masks, CE and S-IB heatmaps per method
+    report/index.html         `sib report` of the demo: one page to open in a browser (its path is printed last)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sib.data.transforms import denormalize
 from sib.evaluate import evaluate, load_run
 from sib.explain import explain
 from sib.report.figures import heatmap_grid
+from sib.report.html import write_report
 from sib.report.tables import to_markdown, write_table
 from sib.run_dir import DEMO, prepare
 from sib.train import make_dataset, resolve_device, train
@@ -109,8 +111,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     shown = [m for m in FIGURE_METHODS if m in ev.methods]
     figures = [draw_heatmaps(out, split, shown, 4 if quick else 6, resolve_device(device))
                for split in ev.splits]
+    # the page a newcomer opens: same runs, gallery of the figure's methods (seconds: a few images per split)
+    report = write_report([out], out / "report", overwrite=overwrite, methods=shown, device=device)
     print()
     print(to_markdown(rows, ["split", "method", "metric", "ce", "sib", "sib_minus_ce", "ce_ci95", "sib_ci95", "n"]))
     print(f"written: {out}/comparison.{{csv,json,md}}, " + ", ".join(str(f) for f in figures))
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    print(f"open the report: {report}")  # last: the one line a newcomer needs
     return rows

@@ -7,7 +7,13 @@ Output folder (default `<run>/eval`):
                       and the pointing game's tolerance_px
     eval_config.json  the resolved configuration, and the evaluated weights (`--weights best|last`: best.pt
                       or checkpoint.pt of the run; file, sha256, epoch, step): `--resume` continues only the
-                      evaluation of the same configuration and the same weights, byte for byte
+                      evaluation of the same configuration and the same weights, byte for byte; and the data
+                      evaluated (`evaluated_data`: dataset, root, options, classes, label_map)
+
+Data: the run's dataset by default; `--dataset NAME --root PATH` (and `dataset_options`) evaluate it on another
+copy or another dataset with the same classes, through the run's transform (image size, normalisation). Class
+names must match the run's (checkpoint "classes"; the count where the run predates them): the same names in
+another order are mapped onto the run's indices (`label_map`), other names or counts are a ValueError.
 
 Accuracy rows use method "-" and metric "accuracy". Values: a metric's `reduction` ("mean" over images,
 or "class_mean": the mean of per-class means, as for the pointing game); NaN values are left out and
@@ -22,18 +28,21 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from sib.config import EvalConfig, TrainConfig, save_json, to_dict
-from sib.explain import EXPLAINERS, explain
+from sib.eval_summary import SummaryStream
+from sib.explain import EXPLAINERS, explain_many
 from sib.metrics import METRICS
+from sib.metrics.faithfulness import PerturbationCache, target_probability
 from sib.metrics.functional import default_tolerance, finite_rows
 from sib.models import create_model
 from sib.report.tables import write_table
@@ -109,20 +118,94 @@ def _var(v: list[float]) -> float:
     return sum((a - m) ** 2 for a in v) / (len(v) - 1)
 
 
-def _read_done(path: Path) -> tuple[list[dict[str, Any]], set[tuple[str, int]]]:
-    rows, done = [], set()
-    if path.exists():
-        for line in path.read_text().splitlines():
+def _rows_until_cut(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of per_image.jsonl, one at a time, up to a line cut by an interruption."""
+    with path.open() as f:
+        for line in f:
             if line.strip():
                 try:
-                    row = json.loads(line)
+                    yield json.loads(line)
                 except json.JSONDecodeError:  # a line cut by the interruption: that batch is redone
-                    break
-                rows.append(row)
+                    return
+
+
+def _read_done(path: Path, stream: SummaryStream) -> set[tuple[str, int]]:
+    """Keep the finished batches of an interrupted per_image.jsonl: feed their rows to `stream`, rewrite the
+    file as those rows then their end markers (dropping a half-written tail), return the finished batches.
+
+    Two passes over the file, never all its rows in memory; the rewrite goes to a temporary file that
+    replaces the old one only when complete.
+    """
+    if not path.exists():
+        path.write_text("")
+        return set()
     # a batch counts as done only if its end marker was written (the last line of every batch)
-    done = {(r["split"], r["batch"]) for r in rows if r.get("metric") == "_batch_done"}
-    rows = [r for r in rows if (r["split"], r["batch"]) in done and r["metric"] != "_batch_done"]
-    return rows, done
+    done = {(r["split"], r["batch"]) for r in _rows_until_cut(path) if r.get("metric") == "_batch_done"}
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w") as f:
+        for r in _rows_until_cut(path):
+            if r["metric"] != "_batch_done" and (r["split"], r["batch"]) in done:
+                f.write(json.dumps(r) + "\n")
+                stream.add(r)
+        f.writelines(json.dumps({"split": s, "batch": b, "metric": "_batch_done"}) + "\n" for s, b in sorted(done))
+    partial.replace(path)
+    return done
+
+
+class _Relabelled(Dataset):
+    """A dataset whose labels are mapped onto the run's class indices (the same class names in another order)."""
+
+    def __init__(self, ds: Dataset, label_map: list[int]) -> None:
+        self.ds, self.label_map = ds, label_map
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        x, y, mask = self.ds[i]
+        return x, self.label_map[y], mask
+
+
+def eval_datasets(cfg: EvalConfig, train_cfg: TrainConfig, ckpt: dict[str, Any]
+                  ) -> tuple[dict[str, Dataset], dict[str, Any]]:
+    """The evaluated split datasets (the run's dataset, or `cfg.dataset`/`cfg.root`, through the run's eval
+    transform), and a record of what they are for eval_config.json.
+
+    Raises:
+        ValueError: the dataset's classes are not the run's (other names or another count); names both lists.
+    """
+    same = cfg.dataset in (None, train_cfg.dataset)
+    data_cfg = replace(train_cfg, dataset=train_cfg.dataset if same else cfg.dataset,
+                       root=cfg.root if cfg.root is not None else train_cfg.root if same else None,
+                       dataset_options={**(train_cfg.dataset_options if same else {}), **cfg.dataset_options})
+    run_classes = [str(c) for c in ckpt.get("classes") or []]
+    datasets: dict[str, Dataset] = {}
+    label_map = None
+    where = f"--dataset {data_cfg.dataset}" + (f" --root {data_cfg.root}" if data_cfg.root else "")
+    for split in cfg.splits:
+        ds = make_dataset(data_cfg, split, train=False)
+        classes = [str(c) for c in getattr(ds, "classes", [])]
+        if run_classes and classes:
+            if sorted(classes) != sorted(run_classes):
+                missing, extra = sorted(set(run_classes) - set(classes)), sorted(set(classes) - set(run_classes))
+                raise ValueError(f"{where} (split {split}): its classes are not the run's: the run has "
+                                 f"{len(run_classes)} ({_names(run_classes)}), the dataset {len(classes)} "
+                                 f"({_names(classes)}); missing: {_names(missing) or '-'}; not in the run: "
+                                 f"{_names(extra) or '-'}")
+            if classes != run_classes:  # the same names in another order: evaluate under the run's indices
+                label_map = [run_classes.index(c) for c in classes]
+                ds = _Relabelled(ds, label_map)
+        elif getattr(ds, "num_classes", ckpt["num_classes"]) != ckpt["num_classes"]:
+            raise ValueError(f"{where} (split {split}): {ds.num_classes} classes, the run {ckpt['num_classes']}")
+        datasets[split] = ds
+    record = {"dataset": data_cfg.dataset, "root": data_cfg.root, "dataset_options": data_cfg.dataset_options,
+              "image_size": data_cfg.image_size, "normalization": data_cfg.normalization,
+              "classes": run_classes or None, "label_map": label_map}
+    return datasets, record
+
+
+def _names(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
@@ -145,6 +228,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if out.resolve() == run.resolve():
         raise ValueError(f"--out {out} is the run folder of --checkpoint {cfg.checkpoint}; an evaluation writes to "
                          f"a folder of its own (default: {run / 'eval'})")
+    datasets, evaluated_data = eval_datasets(cfg, train_cfg, ckpt)  # a class mismatch is refused before any write
     prepare(out, EVAL, overwrite=cfg.overwrite, resume=cfg.resume)
     per_image = out / "per_image.jsonl"
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "resume", "device", "num_workers")}
@@ -152,8 +236,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     evaluated = {"file": str(weights_file), "sha256": file_sha256(weights_file), "epoch": ckpt.get("epoch"),
                  "step": ckpt.get("step")}
     if cfg.resume and (out / "eval_config.json").exists():
-        previous = json.loads((out / "eval_config.json").read_text())
+        # a field the saved configuration predates counts as its default (dataset, root, dataset_options)
+        previous = {**{k: v for k, v in to_dict(EvalConfig()).items() if k in identity},
+                    **json.loads((out / "eval_config.json").read_text())}
         before = previous.pop("evaluated_weights", None)
+        previous.pop("evaluated_data", None)
         if previous != identity:
             raise ValueError(f"--resume: {out} was evaluated with another configuration "
                              f"({previous}); use --overwrite or another --out")
@@ -162,17 +249,17 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             raise ValueError(f"--resume: {out} holds an evaluation of other weights ({was}) than {weights_file} "
                              f"now holds (epoch {evaluated['epoch']}, sha256 {evaluated['sha256'][:12]}); its "
                              f"rows are stale: rerun with --overwrite")
-    save_json({**identity, "evaluated_weights": evaluated}, out / "eval_config.json")
-    rows, done = _read_done(per_image) if cfg.resume else ([], set())
-    if not cfg.resume:
-        per_image.unlink(missing_ok=True)
-    # rewrite the kept rows so that a half-written tail from the interruption is dropped
-    with per_image.open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-        f.writelines(json.dumps({"split": s, "batch": b, "metric": "_batch_done"}) + "\n" for s, b in sorted(done))
+    save_json({**identity, "evaluated_weights": evaluated, "evaluated_data": evaluated_data}, out / "eval_config.json")
+    # summaries from streamed sums: no list of all rows (memory flat in the number of images)
+    stream = SummaryStream()
+    if cfg.resume:
+        done = _read_done(per_image, stream)
+    else:
+        per_image.write_text("")
+        done = set()
 
     for split in cfg.splits:
-        ds = make_dataset(train_cfg, split, train=False)
+        ds = datasets[split]
         if cfg.max_images is not None:
             ds = Subset(ds, range(min(cfg.max_images, len(ds))))
         loader = make_loader(ds, cfg.batch_size, cfg.num_workers)
@@ -189,16 +276,21 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             with per_image.open("a") as f:  # rows, then the batch's end marker
                 f.writelines(json.dumps(r) + "\n" for r in batch_rows)
                 f.write(json.dumps({"split": split, "batch": b, "metric": "_batch_done"}) + "\n")
-            rows.extend(batch_rows)
+            for r in batch_rows:
+                stream.add(r)
             start += n
 
-    summary = summarise(rows, run_name)
+    summary = stream.summary(run_name)
     write_table(summary, out / "summary", SUMMARY_COLUMNS)
     return EvalResult(out=out, summary=summary)
 
 
 def summarise(rows: list[dict[str, Any]], run_name: str) -> list[dict[str, Any]]:
-    """Per-image rows -> one summary row per (split, method, metric), in first-seen order."""
+    """Per-image rows -> one summary row per (split, method, metric), in first-seen order.
+
+    The two-pass form over rows held in memory (for callers that have them); `evaluate` streams its rows
+    through `sib.eval_summary.SummaryStream`, which gives the same rows (tested against this one).
+    """
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["split"], r["method"], r["metric"])].append(r)
@@ -226,7 +318,8 @@ def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: to
     scaled to the image).
     """
     with torch.no_grad():
-        pred = model(x).argmax(dim=1)
+        logits = model(x)
+    pred = logits.argmax(dim=1)
     target = y if target_mode == "label" else pred
     labels, preds = y.tolist(), pred.tolist()
     rows = [{"index": i, "label": labels[i], "pred": preds[i], "method": "-", "metric": "accuracy",
@@ -234,16 +327,21 @@ def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: to
     has_mask = mask is not None
     mask = mask.to(x.device) if has_mask else torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=torch.bool,
                                                            device=x.device)
+    # the single-pass methods from one forward and one backward; the perturbation metrics share the
+    # unperturbed forward above (and the baselines' and each map's x * E forward) through one cache
+    maps = explain_many(model, x, target, methods, method_options)
+    cache = PerturbationCache(model, x, target, clean=target_probability(logits, target))
     keys, values, finite = [], [], []  # every (method, metric) of the batch, moved to the host in one transfer
     for method in methods:
-        attr = explain(method, model, x, target, **(method_options or {}).get(method, {}))
+        attr = maps[method]
         finite.append(finite_rows(attr).float())
         for metric in metrics:
             spec = METRICS.get(metric)
             if spec.uses_mask and not has_mask:
                 continue  # localisation metrics need ground truth the dataset does not have
             keys.append((method, metric))
-            values.append(spec.fn(attr, mask, model=model, x=x, target=target,
+            shared = {"cache": cache} if spec.needs_model else {}
+            values.append(spec.fn(attr, mask, model=model, x=x, target=target, **shared,
                                   **(metric_options or {}).get(metric, {})).float())
     host = torch.cat([torch.stack(values), torch.stack(finite)]).tolist() if values else []  # (M + methods, B)
     ok = dict(zip(methods, host[len(values):], strict=True)) if values else {}

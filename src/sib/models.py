@@ -10,7 +10,17 @@
                apply to it (`cam_target_layer` says so); gradient methods do.
 - "resnet18", "resnet50", "densenet121", "vgg16_bn", "vit_b_32", "vit_b_16", and any other
   torchvision classification model by its builder name ("efficientnet_b0", ...), trained from scratch
-  unless `pretrained` names a local weights file (never a hub download).
+  unless `pretrained` is given.
+
+Pretrained weights (`pretrained=`): a local state-dict file (or a sib checkpoint), or the name of one of the
+model's torchvision weights (`IMAGENET1K_V1`, `DEFAULT`, or the full `ResNet18_Weights.IMAGENET1K_V1`). A name is
+read from the torch hub cache, `torch.hub.get_dir()/checkpoints/<the file name of the weights' URL>` (set
+TORCH_HOME to move it), where torchvision keeps it too; only when the file is absent is it downloaded (with
+torchvision's hash check), and a failed download is a FileNotFoundError naming the weights, the cache path and
+the URL, so an offline machine can be given the file by hand. Files are loaded with `weights_only=True` (never
+unpickling code; torchvision's own loader does not). Keys, shapes and dtypes must match the model built here,
+except the classifier head when `num_classes` differs from the weights' categories: it is left as initialised
+(fine-tuning). So ResNets below 128 px (3x3 stem, below) and ViTs at another image size refuse ImageNet weights.
 
 Small images (ResNet stem rule): for `image_size < 128` a ResNet's 7x7 stride-2 stem convolution is
 replaced by a 3x3 stride-1 one (the max-pool is kept), so a 64 px image reaches layer4 as a 4x4 map
@@ -20,9 +30,12 @@ unchanged.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -118,7 +131,8 @@ def create_model(name: str, num_classes: int, image_size: int = 224, pretrained:
         name: see `available_models()`.
         num_classes: size of the output layer.
         image_size: input side in pixels; sets the ResNet stem rule and the ViT image size.
-        pretrained: optional path of a local state dict (or a sib checkpoint holding "model") to load.
+        pretrained: optional path of a local state dict (or a sib checkpoint holding "model") to load, or a
+            torchvision weight name of this model ("IMAGENET1K_V1", "DEFAULT"; see the module docstring).
         **options: options of our own models (Python API only): "mlp" takes `hidden` (e.g. (50, 30)).
 
     Returns:
@@ -140,7 +154,10 @@ def create_model(name: str, num_classes: int, image_size: int = 224, pretrained:
         if isinstance(model, torchvision.models.ResNet) and image_size < SMALL_IMAGE_LIMIT:
             model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
     if pretrained is not None:
-        _load_weights(model, Path(pretrained))
+        if is_weight_name(pretrained) and not Path(pretrained).exists():
+            _load_torchvision_weights(model, name, num_classes, str(pretrained))
+        else:
+            _load_weights(model, Path(pretrained))
     model.sib_name = name
     model.sib_num_classes = num_classes
     return model
@@ -156,6 +173,81 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"--pretrained {path}: weights do not fit this model: {err}") from err
+
+
+_WEIGHT_NAME = re.compile(r"([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*")
+
+
+def is_weight_name(pretrained: str | Path) -> bool:
+    """Whether `pretrained` reads as a torchvision weight name (IMAGENET1K_V1, DEFAULT, X_Weights.NAME)."""
+    return not isinstance(pretrained, Path) and _WEIGHT_NAME.fullmatch(pretrained) is not None
+
+
+def torchvision_weights(model_name: str, weight_name: str) -> Any:
+    """The torchvision weights enum member `weight_name` of model `model_name`.
+
+    Raises:
+        ValueError: the model has no torchvision weights, or none of that name (the valid names are listed).
+    """
+    try:
+        enum = torchvision.models.get_model_weights(model_name)
+    except (ValueError, KeyError):
+        raise ValueError(f"--pretrained {weight_name}: model {model_name!r} has no torchvision weights; pass a "
+                         f"local state-dict file") from None
+    prefix, _, value = weight_name.rpartition(".")
+    valid = ["DEFAULT", *(w.name for w in enum)]
+    if (prefix and prefix != enum.__name__) or value not in valid:
+        raise ValueError(f"--pretrained {weight_name}: not a file, nor a torchvision weight name of {model_name}; "
+                         f"valid names: {', '.join(valid)} (or {enum.__name__}.<name>)")
+    return enum.DEFAULT if value == "DEFAULT" else enum[value]
+
+
+def weights_cache_file(weights: Any) -> Path:
+    """Where torch hub keeps (and torchvision looks for) a weights file: <hub dir>/checkpoints/<URL file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def _load_torchvision_weights(model: nn.Module, model_name: str, num_classes: int, weight_name: str) -> None:
+    """Load torchvision weights by name from the hub cache (downloading them only when absent); see the module
+    docstring for what must match."""
+    weights = torchvision_weights(model_name, weight_name)
+    cached = weights_cache_file(weights)
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            found = torch.hub.HASH_REGEX.search(cached.name)  # torchvision checks the hash its file names carry
+            torch.hub.download_url_to_file(weights.url, str(cached), found.group(1) if found else None,
+                                           progress=False)
+        except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), a bad hash, a full disk
+            raise FileNotFoundError(
+                f"--pretrained {weight_name}: the weights {weights} of {model_name} are not in the torch hub cache "
+                f"({cached}) and downloading them from {weights.url} failed ({err}); on a machine without network, "
+                f"copy that file to {cached} (or set TORCH_HOME), or pass a local state-dict file") from err
+    try:
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(f"--pretrained {weight_name}: {cached} is unreadable or not plain weights "
+                         f"({type(err).__name__}); delete it to download it again") from err
+    if isinstance(model, torchvision.models.DenseNet):  # old key names, renamed as torchvision's loader does
+        state = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.)", r"\1\2", k): v for k, v in state.items()}
+    own = model.state_dict()
+    categories = len(weights.meta.get("categories") or [])
+    head, misfit = [], []
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            if (value.shape[:1] == (categories,) and own[key].shape[:1] == (num_classes,)
+                    and value.shape[1:] == own[key].shape[1:]):
+                head.append(key)  # the classifier of another class count: left as initialised
+            else:
+                misfit.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+    misfit += [f"{k} missing" for k in own if k not in state] + [f"{k} unexpected" for k in state if k not in own]
+    if misfit:
+        hint = (f"; a ResNet below {SMALL_IMAGE_LIMIT} px gets a 3x3 stem (sib.models): use --image-size "
+                f"{SMALL_IMAGE_LIMIT} or more with these weights"
+                if isinstance(model, torchvision.models.ResNet) and any(m.startswith("conv1.") for m in misfit) else "")
+        raise ValueError(f"--pretrained {weight_name}: the weights {weights} ({cached}) do not fit this "
+                         f"{model_name}: {', '.join(misfit[:5])}{', ...' if len(misfit) > 5 else ''}{hint}")
+    model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=not head)
 
 
 def cam_target_layer(model: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """Run folders: the one owner of what sib writes where, how it is replaced, and how checkpoints are read.
 
 Every folder sib writes into holds a manifest, `.sib_manifest.json`: the folder's kind ("train", "eval",
-"demo", "study") and the names sib writes there. The rules, for every command:
+"demo", "study", "explain", "report") and the names sib writes there. The rules, for every command:
 
 - An empty (or missing) folder is created and used. A folder holding a run of the same kind is refused
   unless the user passes `--resume` (continue it) or `--overwrite` (replace it). Any other non-empty folder
@@ -91,6 +91,12 @@ STUDY = FolderKind("study", "study.json",
                    ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png"),
                    children={"runs": FolderKind("study runs", None, children={
                        "*": FolderKind("study setting", None, children={"seed*": TRAIN})})}, resumable=False)
+# sib explain: the overlays are in a folder of their own, so --overwrite never matches a user's PNG by pattern.
+# Not in KINDS: explain folders always carry a manifest (a user's predictions.json alone makes no sib folder).
+EXPLAIN = FolderKind("explain", "predictions.json", ("predictions.json", "predictions.csv", "overlays"),
+                     resumable=False)
+# sib report: one self-contained index.html. Not in KINDS either: a user's own index.html makes no sib folder
+REPORT = FolderKind("report", None, ("index.html",), resumable=False)
 KINDS = {k.name: k for k in (TRAIN, EVAL, DEMO, STUDY)}  # the kinds recognised by their marker without a manifest
 
 

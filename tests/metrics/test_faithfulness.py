@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from sib.metrics import faithfulness as FA
 from sib.metrics import functional as MF
 from sib.models import create_model
 
@@ -169,3 +170,90 @@ def test_model_mode_is_left_alone():
 def test_unknown_baseline_lists_valid():
     with pytest.raises(ValueError, match="zeros, blur"):
         MF.deletion_auc(ATTR, model=MeanLogit(), x=X, target=Y, baseline="noise")
+
+
+class CountingModel(nn.Module):
+    """tiny_cnn that records the number of images of every forward pass (the test's own wrapper)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.sizes = create_model("tiny_cnn", 3).eval(), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.inner(x)
+
+
+def _setup(b: int = 4, size: int = 8):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(b, 3, size, size, generator=g)
+    attrs = [torch.randn(b, 1, size, size, generator=g).round(decimals=1) for _ in range(2)]
+    attrs[1][0] = math.nan  # an invalid map stays NaN through the shared passes
+    return CountingModel(), x, attrs, torch.tensor([0, 1, 2, 0][:b])
+
+
+def _all_four(attr, model, x, y, cache=None, n_steps=4):
+    kw = {"model": model, "x": x, "target": y, "cache": cache}
+    return [MF.deletion_auc(attr, **kw, n_steps=n_steps), MF.insertion_auc(attr, **kw, n_steps=n_steps),
+            MF.insertion_auc(attr, **kw, n_steps=n_steps, baseline="zeros"),
+            MF.average_drop(attr, **kw), MF.increase_in_confidence(attr, **kw)]
+
+
+def test_shared_cache_gives_the_same_values_with_fewer_forwards():
+    model, x, attrs, y = _setup()
+    b = x.shape[0]
+    alone = [_all_four(a, model, x, y) for a in attrs]
+    images_alone = sum(model.sizes)
+    model.sizes.clear()
+    with torch.no_grad():
+        clean = FA.target_probability(model(x), y)  # the caller's own forward, as the evaluator's
+    model.sizes.clear()
+    cache = FA.PerturbationCache(model, x, y, clean=clean)
+    shared = [_all_four(a, model, x, y, cache) for a in attrs]
+    for want, got in zip(alone, shared, strict=True):
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, equal_nan=True)
+    assert torch.isnan(shared[1][0][0]) and torch.isfinite(shared[0][0]).all()
+    # alone, per map: 3 curves x (4 steps + 1) x B images, and x, x * E for each of AD and IC
+    assert images_alone == 2 * (3 * 5 * b + 2 * 2 * b)
+    # shared: the zeros and blur baselines once; per map 3 curves x 3 partial steps, and one x * E
+    assert sum(model.sizes) == 2 * b + 2 * (3 * 3 * b + b)
+
+
+def test_cache_of_another_batch_is_refused():
+    model, x, attrs, y = _setup()
+    cache = FA.PerturbationCache(model, x, y)
+    with pytest.raises(ValueError, match="another \\(model, x, target\\)"):
+        MF.deletion_auc(attrs[0], model=model, x=x.clone(), target=y, cache=cache)
+    with pytest.raises(ValueError, match="clean must be the \\(B,\\)"):
+        FA.PerturbationCache(model, x, y, clean=torch.zeros(3))
+
+
+@pytest.mark.parametrize("insert", [False, True])
+def test_more_steps_than_pixels_still_match_the_naive_loop(insert):
+    """Steps that change no pixel or every pixel come from the shared passes; the rest are perturbed."""
+    model, _, _, _ = _setup()
+    g = torch.Generator().manual_seed(3)
+    x, attr = torch.randn(2, 3, 2, 2, generator=g), torch.randn(2, 1, 2, 2, generator=g)
+    target = torch.tensor([1, 2])
+    fn = MF.insertion_curve if insert else MF.deletion_curve
+    curve = fn(attr, model=model, x=x, target=target, n_steps=7, baseline="zeros")
+    for i in range(2):
+        want = naive_curve(model, attr[i], x[i], target[i].item(), 7, torch.zeros_like(x[i]), insert)
+        torch.testing.assert_close(curve[i], torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_default_batches_fill_a_memory_budget_across_images_and_steps():
+    model, _, _, _ = _setup()
+    g = torch.Generator().manual_seed(4)
+    x, attr = torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 1, 64, 64, generator=g)
+    curve = MF.deletion_curve(attr, model=model, x=x, target=torch.tensor([0, 1, 2, 0]), n_steps=20)
+    # 1 MiB of 64 px float32 images (48 KiB each) is 21 images: the 19 partial steps x 4 images = 76
+    # perturbed images run as 21, 21, 21, 13 (after x and the baseline, 4 each)
+    assert FA.BATCH_BYTES["default"] == 1 << 20 and model.sizes == [4, 4, 21, 21, 21, 13]
+    explicit = MF.deletion_curve(attr, model=model, x=x, target=torch.tensor([0, 1, 2, 0]), n_steps=20,
+                                 batch_size=256)
+    torch.testing.assert_close(curve, explicit)
+    with pytest.raises(ValueError, match="batch_size must be >= 1 or None"):
+        MF.deletion_curve(attr, model=model, x=x, target=torch.tensor([0, 1, 2, 0]), batch_size=0)

@@ -20,6 +20,9 @@ Sign and channel conventions (what one pixel of `attr` means):
 - `input_x_gradient`, `integrated_gradients`, `smoothgrad`: signed, summed over colour channels, so
   that summing a map over pixels gives the method's total contribution (completeness for IG).
 
+Several methods of one batch: `explain_many(model, x, target, methods, options)` returns them all, the
+single-pass ones (CAMs, saliency, input x gradient) from one shared forward and backward (`sib.explain.many`).
+
 Example:
     >>> attr = explain("grad_cam", model.eval(), x, y)           # (B, 1, H, W), >= 0
     >>> heat = normalize_attr(attr, mode="minmax")                 # per sample, in [0, 1]
@@ -68,4 +71,13 @@ def explain(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
     return EXPLAINERS.get(name)(model, x, target, **options)
 
 
-__all__ = ["EXPLAINERS", "NORMALIZE_MODES", "Explainer", "explain", "normalize_attr"]
+def __getattr__(name: str) -> Any:
+    # `explain_many` (sib.explain.many) imports the CAM module and torchvision: loaded on first use only.
+    if name == "explain_many":
+        from sib.explain.many import explain_many
+
+        return explain_many
+    raise AttributeError(f"module 'sib.explain' has no attribute {name!r}")
+
+
+__all__ = ["EXPLAINERS", "NORMALIZE_MODES", "Explainer", "explain", "explain_many", "normalize_attr"]

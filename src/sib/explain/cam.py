@@ -7,7 +7,8 @@ between calls. What we keep from pytorch-grad-cam are its formulas and constants
 align_corners=True mask upsampling and channel softmax), so that its output is our parity oracle
 (tests/explain, `parity` marker): after per-sample min-max normalisation the maps agree to 1e-4.
 
-Shared mechanics (`_activations`): one forward hook on the target layer, removed in a `finally`, that
+Shared mechanics (`shared_pass`, also used by `sib.explain.many.explain_many` for several methods and
+layers at once): one forward hook on the target layer, removed in a `finally`, that
 stores a *clone* of the layer's output (DenseNet applies an in-place ReLU after `features`, which would
 otherwise rewrite what we read); the gradient of the summed target logits w.r.t. that clone comes from
 `torch.autograd.grad`, so `param.grad` is never written. The input is given `requires_grad` so that the
@@ -48,36 +49,74 @@ def _activations(model: nn.Module, x: torch.Tensor, target: torch.Tensor, target
         target: (B,) int64 on x.device.
     """
     target = check_inputs(x, target)
+    layer = resolve_layer(model, target_layer)
+    acts, grads, _ = shared_pass(model, x, target, [layer], layer_grad=with_grad, input_grad=False)
+    return acts[0], None if grads is None else grads[0], target
+
+
+def resolve_layer(model: nn.Module, target_layer: nn.Module | None) -> nn.Module:
+    """The CAM layer: `target_layer`, or the model family's default (`cam_target_layer`)."""
     layer = cam_target_layer(model) if target_layer is None else target_layer
     if not isinstance(layer, nn.Module):
         raise ValueError(f"target_layer must be an nn.Module of the model; got {type(layer).__name__}")
-    captured: list[torch.Tensor] = []
+    return layer
+
+
+def shared_pass(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layers: list[nn.Module], *,
+                layer_grad: bool, input_grad: bool
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor | None]:
+    """One forward (and at most one backward) that feeds every single-pass explainer.
+
+    Forward hooks on `layers` (removed in a `finally`) keep the output of each layer's last call; one
+    `torch.autograd.grad` of the summed target logits gives the gradient w.r.t. all of them and, when
+    `input_grad`, w.r.t. the input. `param.grad` is never written.
+
+    Args:
+        model: classifier (B, C, H, W) -> (B, K), used in its current mode.
+        x: float (B, C, H, W); never modified.
+        target: checked int64 (B,) on x.device (`check_inputs`).
+        layers: distinct modules of the model (may be empty).
+        layer_grad: also return d score / d activations.
+        input_grad: also return d score / d x.
+
+    Returns:
+        acts: one (B, K, h, w) grid per layer (ViT tokens reshaped), detached.
+        grads: the same shapes, or None unless `layer_grad`.
+        input gradient: (B, C, H, W) or None unless `input_grad`.
+    """
+    captured: dict[int, list[torch.Tensor]] = {id(layer): [] for layer in layers}
 
     def keep_output(module: nn.Module, inputs: object, output: object) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise ValueError(f"the CAM target layer {type(module).__name__} returned "
                              f"{type(output).__name__}, not a tensor; pass another target_layer=")
         output = output.clone()  # in-place ops downstream (DenseNet's ReLU) must not rewrite it
-        captured.append(output)
+        captured[id(module)].append(output)
         return output
 
-    handle = layer.register_forward_hook(keep_output)
+    handles = [layer.register_forward_hook(keep_output) for layer in layers]
+    with_grad = layer_grad or input_grad
     try:
         with torch.set_grad_enabled(with_grad):
-            logits = model(x.detach().requires_grad_(with_grad))
+            inp = x.detach().clone().requires_grad_(with_grad)  # a fresh leaf: x itself is never touched
+            logits = model(inp)
             check_logits(logits, target)
-            if not captured:
-                raise ValueError(f"the CAM target layer {type(layer).__name__} was not called by the "
-                                 f"model's forward; pass target_layer= a module the forward uses")
-            act = captured[-1]
-            grad = None
-            if with_grad:
+            for layer in layers:
+                if not captured[id(layer)]:
+                    raise ValueError(f"the CAM target layer {type(layer).__name__} was not called by the "
+                                     f"model's forward; pass target_layer= a module the forward uses")
+            acts = [captured[id(layer)][-1] for layer in layers]
+            wrt = (acts if layer_grad else []) + ([inp] if input_grad else [])
+            grads: tuple[torch.Tensor, ...] = ()
+            if wrt:
                 score = logits.gather(1, target[:, None]).sum()  # samples are independent: one backward
-                (grad,) = torch.autograd.grad(score, act)
+                grads = torch.autograd.grad(score, wrt)
     finally:
-        handle.remove()
-    grads = None if grad is None else _to_grid(grad, model).detach()
-    return _to_grid(act, model).detach(), grads, target
+        for handle in handles:
+            handle.remove()
+    layer_grads = [_to_grid(g, model).detach() for g in grads[:len(acts)]] if layer_grad else None
+    return ([_to_grid(a, model).detach() for a in acts], layer_grads,
+            grads[-1].detach() if input_grad else None)
 
 
 def _finish(cam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +146,12 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
         float (B, 1, H, W) >= 0, unnormalised.
     """
     acts, grads, _ = _activations(model, x, target, target_layer, with_grad=True)
-    return _finish(_weighted(acts, grads.mean((2, 3))), x)
+    return _finish(grad_cam_map(acts, grads), x)
+
+
+def grad_cam_map(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM's weighted map before the ReLU: acts, grads (B, K, h, w) -> (B, h, w)."""
+    return _weighted(acts, grads.mean((2, 3)))
 
 
 def grad_cam_pp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
@@ -118,27 +162,42 @@ def grad_cam_pp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
     as `grad_cam`.
     """
     acts, grads, _ = _activations(model, x, target, target_layer, with_grad=True)
+    return _finish(grad_cam_pp_map(acts, grads), x)
+
+
+def grad_cam_pp_map(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++'s weighted map before the ReLU: acts, grads (B, K, h, w) -> (B, h, w)."""
     g2 = grads.pow(2)
     sum_acts = acts.sum((2, 3), keepdim=True)  # (B, K, 1, 1)
     alpha = g2 / (2 * g2 + sum_acts * g2 * grads + 1e-6)  # eps as pytorch-grad-cam
     alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
     weights = (alpha * F.relu(grads)).sum((2, 3))
-    return _finish(_weighted(acts, weights), x)
+    return _weighted(acts, weights)
 
 
 def xgrad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
               target_layer: nn.Module | None = None) -> torch.Tensor:
     """XGrad-CAM (Fu et al. 2020): weights = sum_ij A * g / sum_ij A. Same arguments as `grad_cam`."""
     acts, grads, _ = _activations(model, x, target, target_layer, with_grad=True)
+    return _finish(xgrad_cam_map(acts, grads), x)
+
+
+def xgrad_cam_map(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """XGrad-CAM's weighted map before the ReLU: acts, grads (B, K, h, w) -> (B, h, w)."""
     weights = (grads * acts / (acts.sum((2, 3), keepdim=True) + 1e-7)).sum((2, 3))
-    return _finish(_weighted(acts, weights), x)
+    return _weighted(acts, weights)
 
 
 def layer_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
               target_layer: nn.Module | None = None) -> torch.Tensor:
     """LayerCAM (Jiang et al. 2021): per-location weights, sum_k relu(g) * A. Same arguments as grad_cam."""
     acts, grads, _ = _activations(model, x, target, target_layer, with_grad=True)
-    return _finish((F.relu(grads) * acts).sum(1), x)
+    return _finish(layer_cam_map(acts, grads), x)
+
+
+def layer_cam_map(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """LayerCAM's map before the ReLU: acts, grads (B, K, h, w) -> (B, h, w)."""
+    return (F.relu(grads) * acts).sum(1)
 
 
 def eigen_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
@@ -151,6 +210,11 @@ def eigen_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
     and result as `grad_cam`.
     """
     acts, _, _ = _activations(model, x, target, target_layer, with_grad=False)
+    return _finish(eigen_cam_map(acts), x)
+
+
+def eigen_cam_map(acts: torch.Tensor, grads: torch.Tensor | None = None) -> torch.Tensor:
+    """Eigen-CAM's sign-corrected projection before the ReLU: acts (B, K, h, w) -> (B, h, w); no gradient."""
     b, _, h, w = acts.shape
     feats = acts.flatten(2).transpose(1, 2)  # (B, K, h, w) -> (B, h*w, K)
     feats = feats - feats.mean(1, keepdim=True)
@@ -158,7 +222,7 @@ def eigen_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
     proj = (feats @ vh[:, 0, :, None]).squeeze(2)  # (B, h*w)
     flip = proj.amin(1, keepdim=True).abs() > proj.amax(1, keepdim=True).abs()
     proj = torch.where(flip, -proj, proj)
-    return _finish(proj.view(b, h, w), x)
+    return proj.view(b, h, w)
 
 
 def score_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
@@ -180,6 +244,15 @@ def score_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     acts, _, target = _activations(model, x, target, target_layer, with_grad=False)
+    return _finish(score_cam_map(acts, model, x, target, batch_size), x)
+
+
+def score_cam_map(acts: torch.Tensor, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                  batch_size: int = 256) -> torch.Tensor:
+    """Score-CAM's weighted map before the ReLU, from the target layer's acts (B, K, h, w) -> (B, h, w).
+
+    `target` is the checked int64 (B,) on x.device; runs the B*K masked forward passes.
+    """
     b, k = acts.shape[:2]
     flat_acts = acts.flatten(0, 1)[:, None]  # (B, K, h, w) -> (B*K, 1, h, w)
     sample = torch.arange(b, device=x.device).repeat_interleave(k)  # (B*K,) sample of each masked image
@@ -194,4 +267,4 @@ def score_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
             logits = model(x[sample[idx]] * masks)
             scores.append(logits.gather(1, target[sample[idx], None]).squeeze(1))
     weights = torch.cat(scores).view(b, k).softmax(1)  # (B*K,) -> (B, K)
-    return _finish(_weighted(acts, weights.to(acts.dtype)), x)
+    return _weighted(acts, weights.to(acts.dtype))

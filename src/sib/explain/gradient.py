@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sib.batching import images_per_forward
 from sib.explain._checks import check_inputs
 
 
@@ -94,7 +95,8 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
         n_steps: quadrature points along the straight path.
         baseline: scalar or tensor broadcastable to x (0.0 is the dataset mean for normalised inputs).
         method: Captum's quadrature ("gausslegendre", "riemann_trapezoid", ...).
-        batch_size: images per forward pass (Captum's internal_batch_size); None runs B * n_steps at once.
+        batch_size: images per forward pass (Captum's internal_batch_size; at least B); None: a memory
+            budget (`sib.batching.images_per_forward`), so the B * n_steps images run in passes of that size.
 
     Returns:
         float (B, 1, H, W), signed, unnormalised.
@@ -107,7 +109,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     with torch.enable_grad():
         attr = IntegratedGradients(_checked_forward(model, target)).attribute(
             _leaf(x), baselines=baseline, target=target, n_steps=n_steps, method=method,
-            internal_batch_size=batch_size)
+            internal_batch_size=max(images_per_forward(x, batch_size), x.shape[0]))
     return attr.detach().sum(1, keepdim=True)
 
 
@@ -133,7 +135,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
         n_samples: noisy copies per image.
         noise_level: noise std as a fraction of each image's value range.
         seed: seed of the noise patterns.
-        batch_size: images per forward pass; None runs B * n_samples at once.
+        batch_size: images per forward pass; None: a memory budget (`sib.batching.images_per_forward`).
 
     Returns:
         float (B, 1, H, W), signed, unnormalised.
@@ -145,7 +147,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((n_samples, *x.shape[1:]), generator=gen).to(device=x.device, dtype=x.dtype)
     sigma = noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))  # (B,)
-    per_chunk = max(1, (batch_size or b * n_samples) // max(b, 1))  # noise patterns per forward pass
+    per_chunk = max(1, images_per_forward(x, batch_size) // max(b, 1))  # noise patterns per forward pass
     total = torch.zeros_like(x)
     for start in range(0, n_samples, per_chunk):
         eps = noise[start:start + per_chunk]  # (n, C, H, W)

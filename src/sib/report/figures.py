@@ -1,4 +1,5 @@
-"""Figures (matplotlib; the only package that draws): heatmap grids of inputs, masks and attributions."""
+"""Figures (matplotlib; the only package that draws): heatmap grids of inputs, masks and attributions, and
+single attribution overlays (`sib explain`)."""
 
 from __future__ import annotations
 
@@ -65,4 +66,46 @@ def heatmap_grid(images: torch.Tensor, masks: torch.Tensor | None, columns: dict
     path = Path(path)
     _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+    return path
+
+
+OVERLAY_MIN_SIDE = 224  # overlays of small inputs are enlarged by a whole factor to at least this many pixels
+
+
+def overlay(image: torch.Tensor, attr: torch.Tensor, path: Path, min_side: int = OVERLAY_MIN_SIDE,
+            alpha: float = 0.5) -> Path:
+    """One attribution map over the image it explains, as a PNG (written atomically); no axes, no text.
+
+    The map is coloured as in `heatmap_grid`: a non-negative map min-max normalised (jet), a signed map divided
+    by its largest magnitude (blue negative, red positive); non-finite pixels count as 0. Both are enlarged by
+    the smallest whole factor k with k * min(H, W) >= `min_side` (bilinear), so a 32 px input gives 224 px.
+
+    Args:
+        image: (3, H, W) float in [0, 1] (denormalised: what the model saw).
+        attr: (1, H, W) attribution at the image's resolution.
+        path: PNG file to write.
+        min_side: the overlay's shorter side is at least this (pixels).
+        alpha: weight of the colour map over the image.
+
+    Returns:
+        `path`; the PNG is (k * H, k * W) RGB.
+    """
+    import numpy as np
+    from PIL import Image
+
+    height, width = image.shape[-2:]
+    k = max(1, -(-min_side // min(height, width)))  # ceil(min_side / side)
+    size = (k * height, k * width)
+    img = torch.nn.functional.interpolate(image[None].float().cpu(), size, mode="bilinear", align_corners=False)
+    a = torch.nan_to_num(attr.detach().float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
+    a = torch.nn.functional.interpolate(a[None], size, mode="bilinear", align_corners=False)[0, 0]  # (kH, kW)
+    if (a < 0).any():  # signed map: zero at the centre of the diverging scale
+        a, cmap = (a / a.abs().max().clamp_min(1e-12) + 1) / 2, "bwr"
+    else:
+        a, cmap = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12), "jet"
+    heat = matplotlib.colormaps[cmap](a.numpy())[..., :3]  # (kH, kW, 4) -> (kH, kW, 3) in [0, 1]
+    base = img[0].clamp(0, 1).permute(1, 2, 0).numpy()  # (3, kH, kW) -> (kH, kW, 3)
+    rgb = np.clip(((1 - alpha) * base + alpha * heat) * 255 + 0.5, 0, 255).astype(np.uint8)
+    path = Path(path)
+    _atomic(path, lambda f: Image.fromarray(rgb, "RGB").save(f, format="PNG"))
     return path
