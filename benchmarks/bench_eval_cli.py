@@ -15,7 +15,7 @@ The runs it trains live in `--work` (a temporary folder by default). Prints one 
 `time_ratio` / `memory_growth` lines (before / after).
 
 Usage:
-    python benchmarks/bench_eval_cli.py [--before /tmp/before/src] [--only time|memory] [--threads N]
+    python benchmarks/bench_eval_cli.py [--before /tmp/before/src] [--only time|memory] [--wide] [--threads N]
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1] / "src"
+WIDE_METRICS = ["energy_pointing_game", "pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy",
+                "topk_iou", "auroc"]
 
 
 def train_runs(work: Path) -> dict[str, Path]:
@@ -72,6 +74,8 @@ def main() -> None:
     p.add_argument("--only", choices=["time", "memory"], default=None)
     p.add_argument("--images", type=int, default=300, help="images of the timed evaluation")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="images of the memory runs")
+    p.add_argument("--wide", action="store_true",
+                   help="memory also with 3 methods x 6 localisation metrics (19 rows per image)")
     p.add_argument("--threads", type=int, default=1,
                    help="OMP_NUM_THREADS of the evaluate processes (1: CPU time is then a load-independent measure)")
     args = p.parse_args()
@@ -95,6 +99,10 @@ def main() -> None:
             jobs.append((f"memory_{n}", ["--checkpoint", str(ckpt), "--splits", "test", "--methods", "saliency",
                                          "--metrics", "energy_pointing_game", "--batch-size", "100",
                                          "--device", "cpu"]))
+            if args.wide:  # 19 rows per image instead of 2: what a list of all rows costs shows above the noise
+                jobs.append((f"wide_{n}", ["--checkpoint", str(ckpt), "--splits", "test", "--methods", "saliency",
+                                           "input_x_gradient", "grad_cam", "--metrics", *WIDE_METRICS,
+                                           "--batch-size", "100", "--device", "cpu"]))
     for name, cmd in jobs:
         for tree, src in trees.items():
             out = work / f"eval_{name}_{tree}"
@@ -106,10 +114,11 @@ def main() -> None:
         print(f"time_ratio (before / after): wall {before[0] / after[0]:.2f}, cpu {before[1] / after[1]:.2f}")
     if len(args.sizes) >= 2:
         lo, hi = min(args.sizes), max(args.sizes)
-        for tree in trees:
-            if (f"memory_{lo}", tree) in results:
-                growth = results[(f"memory_{hi}", tree)][2] - results[(f"memory_{lo}", tree)][2]
-                print(f"memory_growth {tree} ({lo} -> {hi} images): {growth:+.1f} MiB")
+        for kind in ("memory", "wide"):
+            for tree in trees:
+                if (f"{kind}_{lo}", tree) in results:
+                    growth = results[(f"{kind}_{hi}", tree)][2] - results[(f"{kind}_{lo}", tree)][2]
+                    print(f"{kind}_growth {tree} ({lo} -> {hi} images): {growth:+.1f} MiB")
 
 
 def set_num_samples(run: Path, n: int) -> Path:
