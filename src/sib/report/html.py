@@ -162,7 +162,10 @@ def _glance(inp: ReportInput, rows: list[dict[str, Any]], colour: dict[str, str]
             f"Each cell: the value, and below it the difference to the baseline <b>{esc(inp.baseline)}</b> with "
             "its 95% interval (" + ("over seeds; the per-image bootstrap where a setting has one seed" if
                                      inp.kind == "study" else "paired bootstrap over the images both runs "
-                                     "evaluated") + "); blue: the interval is above zero, orange: below zero. "
+                                     "evaluated: it covers the sampling of images, not the noise of training "
+                                     "another seed; a study with several seeds tells whether a difference "
+                                     "survives retraining") + "); blue: the interval is above zero, orange: "
+            "below zero. "
             if inp.baseline else "Each cell: the value and its 95% interval over the evaluated images. ")
             + "Every metric, method and split is in the comparison table below.</p>")
     fig = plots.differences(key, inp.baseline or "", colour) if inp.baseline else None
