@@ -39,8 +39,12 @@ CAMS = ["grad_cam", "grad_cam_pp", "xgrad_cam", "layer_cam", "eigen_cam"]
 GRADS = ["saliency", "input_x_gradient", "integrated_gradients"]
 LOCALISATION = ["energy_pointing_game", "pointing_game", "relevance_mass_accuracy",
                 "relevance_rank_accuracy", "topk_intersection", "auroc"]
-TOPK = 1024
+TOPK = 1024  # pixels of topk_intersection (a quarter of the image below 64 px: Quantus needs k < H*W)
 PERTURBED = ["grad_cam", "saliency"]  # perturbation metrics cost (steps + 1) forward passes per image
+
+
+def topk(x: torch.Tensor) -> int:
+    return min(TOPK, x.shape[-2] * x.shape[-1] // 4)
 
 
 def clock() -> tuple[float, float]:
@@ -79,7 +83,7 @@ def ours(model, x, y, mask, ig_steps: int, steps: int) -> tuple[dict, dict, list
         scores[(name, "pointing_game")] = MF.pointing_game(attr, mask, tolerance=0)
         scores[(name, "relevance_mass_accuracy")] = MF.relevance_mass_accuracy(attr, mask, abs=False)
         scores[(name, "relevance_rank_accuracy")] = MF.relevance_rank_accuracy(attr, mask)
-        scores[(name, "topk_intersection")] = MF.topk_intersection(attr, mask, k=TOPK)
+        scores[(name, "topk_intersection")] = MF.topk_intersection(attr, mask, k=topk(x))
         scores[(name, "auroc")] = MF.auroc(attr, mask)
     times.append(clock())
     with torch.no_grad():
@@ -133,7 +137,7 @@ def reference(model, x, y, mask, ig_steps: int, steps: int) -> tuple[dict, dict,
         "pointing_game": quantus.PointingGame(**off),
         "relevance_mass_accuracy": quantus.RelevanceMassAccuracy(**off),
         "relevance_rank_accuracy": quantus.RelevanceRankAccuracy(**off),
-        "topk_intersection": quantus.TopKIntersection(k=TOPK, **off),
+        "topk_intersection": quantus.TopKIntersection(k=topk(x), **off),
         "auroc": quantus.AUC(**off),
     }
     xn, yn, sn = x.cpu().numpy(), y.cpu().numpy(), mask.cpu().numpy().astype(float)

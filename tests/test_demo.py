@@ -23,6 +23,10 @@ def test_quick_demo_prints_and_writes_the_comparison_and_runs_again_with_overwri
     res = _demo(out)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| split | method | metric | ce | sib | sib_minus_ce |" in res.stdout
+    # the last line printed is the report's path, and the page is there
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("open the report: ") and last.endswith("index.html")
+    assert (out / "report" / "index.html").samefile(last.removeprefix("open the report: "))
     rows = json.loads((out / "comparison.json").read_text())
     keys = {(r["split"], r["method"], r["metric"]) for r in rows}
     for split in ("test", "test_shifted"):

@@ -82,7 +82,11 @@ def test_interrupted_evaluation_resumes_without_recomputing(run, tmp_path):
     ends = [i for i, line in enumerate(lines) if "_batch_done" in line]
     path.write_text("\n".join(lines[: ends[1] + 1]) + "\n" + lines[ends[1] + 1][:20])
     marker = json.loads(lines[0])
+    path.chmod(0o640)
     resumed = evaluate(EvalConfig(**{**cfg.__dict__, "resume": True}))
+    # the rewrite replaced the file in place: its permissions kept, no temporary file left beside it
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert kept[0] == marker  # finished batches were kept, not recomputed and rewritten elsewhere
     assert sum(1 for r in kept if r.get("metric") == "_batch_done") == 8  # 2 splits x 4 batches

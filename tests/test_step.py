@@ -111,3 +111,20 @@ def test_fast_batchnorm_gives_the_plain_double_backward_gradient(arch):
     plain.eval(), fast.eval()
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x))
+
+
+def test_regularised_cpu_runs_get_the_cheap_double_backward_and_others_keep_pytorchs():
+    from sib.fast_bn import FastBatchNorm2d
+    from sib.models import create_model
+    from sib.step import use_cheap_double_backward
+
+    def bns(model):
+        return [type(m) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    model = create_model("small_cnn", 3)
+    assert use_cheap_double_backward(model, create_regularizer("none"), cpu) == 0
+    assert use_cheap_double_backward(model, create_regularizer("sib"), cuda) == 0  # not measured on a GPU yet
+    assert set(bns(model)) == {torch.nn.BatchNorm2d}
+    assert use_cheap_double_backward(model, create_regularizer("sib"), cpu) == len(bns(model)) == 4
+    assert set(bns(model)) == {FastBatchNorm2d}

@@ -1,4 +1,6 @@
-"""`sib train | evaluate | explain | study | demo | data check`: parse -> config -> library call. No logic lives here.
+"""`sib train | evaluate | explain | study | report | demo | data check`: parse -> config -> library call.
+
+No logic lives here.
 
 Every flag has a one-line help with its default and allowed values: the config flags take theirs from the
 fields' metadata in sib.config (the README's option table comes from the same place).

@@ -2,10 +2,11 @@
 
 In training mode the S-IB step differentiates the input gradient R = dE/dx again, so every BatchNorm layer's
 backward is itself differentiated. PyTorch's derivative of `native_batch_norm_backward` is a general
-composite (`batchnorm_double_backward`, dozens of full-size kernels). Here the first backward is a custom
-`autograd.Function` (`_BNBackward`) computing the input, weight and bias gradients, whose own backward is
-the closed form below: three per-channel sums and ~10 full-size elementwise kernels. Used only where a graph
-of the backward is being built (`create_graph=True`); a plain backward uses PyTorch's fused kernel.
+composite (`batchnorm_double_backward`, dozens of small kernels). Here the first backward is a custom
+`autograd.Function` (`_BNBackward`: PyTorch's fused backward kernel, saving what PyTorch's own node saves)
+whose own backward is the closed form below: three per-channel sums and ~10 full-size elementwise kernels.
+Used only where a graph of the backward is being built (`create_graph=True`); a plain backward is PyTorch's.
+Measured (benchmarks/bench_step.py `sib+fastbn`) and used by the trainer: see `sib.step.use_cheap_double_backward`.
 
 Closed form, per channel, over the N = B*H*W values (s = 1/sqrt(var + eps), xh = (x - mean) * s, P v = v -
 mean(v) - xh * mean(xh * v), first backward g_x = w s P g, g_w = sum(g xh), g_b = sum(g)); given the
@@ -13,8 +14,8 @@ cotangents (a_x, a_w, a_b) of (g_x, g_w, g_b), with m = mean(g xh), c = sum(a_x 
     d/dg = w s P a_x + a_w xh + a_b
     d/dw = s d
     d/dx = -(w s^2 / N) d xh + (a_w s - w s^2 c / N) P g - w s^2 m P a_x
-(derivation: differentiate <a_x, g_x> + a_w g_w through s, xh and m; tests/test_step.py checks it with
-float64 `gradgradcheck` and against PyTorch's double backward).
+(derivation: differentiate <a_x, g_x> + a_w g_w through s, xh and m; tests/test_step.py checks it with a
+float64 `gradcheck` of the first backward and against PyTorch's double backward on whole models).
 """
 
 from __future__ import annotations

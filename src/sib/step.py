@@ -32,6 +32,26 @@ def double_backward_attention(active: bool) -> AbstractContextManager:
     return sdpa_kernel(SDPBackend.MATH) if active else nullcontext()
 
 
+def use_cheap_double_backward(module: nn.Module, reg: Regularizer, device: torch.device) -> int:
+    """Give `module` BatchNorm layers whose backward is cheap to differentiate (`sib.fast_bn`), where that was
+    measured to win: a regulariser that differentiates the input gradient (`reg.needs_input_grad`), on a CPU.
+
+    Same parameters, buffers, state_dict and results (parameter gradient equal to PyTorch's double backward:
+    tests/test_step.py). benchmarks/bench_step.py (ResNet-18, 64 px, batch 32, 2-core CPU): S-IB step 2.92x ->
+    2.67x plain at 1 thread and 2.83x -> 2.86x (a tie) at 2 threads on a quiet machine, 13.7x -> 2.6x at 2
+    threads under load; peak memory 1.87x -> 1.70x plain. On a
+    GPU it is not measured yet (benchmarks/gpu_check.sh measures `sib+fastbn`), so CUDA models keep PyTorch's.
+
+    Returns:
+        the number of BatchNorm2d layers changed (0: nothing done).
+    """
+    if not reg.needs_input_grad or device.type != "cpu":
+        return 0
+    from sib.fast_bn import use_fast_batchnorm
+
+    return use_fast_batchnorm(module)
+
+
 def step_loss(model: nn.Module, reg: Regularizer, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
               *, regularise: bool, amp_dtype: torch.dtype | None = None, reg_precision: str = "fp32",
               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, RegOutput | None]:

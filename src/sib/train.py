@@ -63,7 +63,7 @@ from sib.run_dir import (  # noqa: F401 (load_checkpoint: callers import it from
     set_rng_state,
 )
 from sib.schedule import create_scheduler
-from sib.step import time_steps
+from sib.step import time_steps, use_cheap_double_backward
 
 
 @dataclass
@@ -245,6 +245,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
     module = create_model(cfg.model, num_classes, cfg.image_size, cfg.pretrained).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     module = module.to(memory_format=memory_format)
+    use_cheap_double_backward(module, reg, device)  # regularised runs on a CPU: BatchNorm with a cheap double backward
     # DDP at default settings: static_graph=True silently never syncs double-backprop gradients (DESIGN.md)
     model = DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else module
     opt = make_optimizer(cfg, module)
