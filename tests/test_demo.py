@@ -44,8 +44,13 @@ def test_quick_demo_prints_and_writes_the_comparison_and_runs_again_with_overwri
     for split in ("test", "test_shifted"):
         with Image.open(out / f"heatmaps_{split}.png") as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 300
-    for run in ("ce", "sib"):
-        assert json.loads((out / run / "config.json").read_text())["regularizer"] == {"ce": "none", "sib": "sib"}[run]
+    configs = {run: json.loads((out / run / "config.json").read_text()) for run in RUNS}
+    assert {run: (c["regularizer"], c["seed"]) for run, c in configs.items()} == {
+        "ce": ("none", 0), "sib": ("sib", 0), "ce_reseed": ("none", 1)}
+    for r in rows:  # the retraining-noise column comes from the reseeded run's own summary
+        key = (r["split"], r["method"], r["metric"])
+        assert r["ce_reseed_minus_ce"] == runs["ce_reseed"][key] - runs["ce"][key]
+    assert "Read with the reseeded run." in (out / "report" / "index.html").read_text()
     # a second demo into the same folder is refused without --overwrite
     again = subprocess.run([sys.executable, "-m", "sib", "demo", "--quick", "--out", str(out)], capture_output=True,
                            text=True, timeout=600)

@@ -243,6 +243,25 @@ def test_a_run_without_evaluation_is_named_and_the_table_compares_the_others(tmp
     assert [r[0][1] for r in page.tables["runs-table"]] == ["fresh", "sib"]  # its configuration and curves stay
 
 
+def test_a_reseeded_baseline_is_named_as_retraining_noise(tmp_path, pair, make_tiny_config):
+    """A run with the baseline's configuration and another seed (the demo's ce_reseed) measures what
+    retraining alone moves; the page says so in its verdict and tells the reader to compare against it."""
+    seed = json.loads((pair / "ce" / "config.json").read_text())["seed"]
+    again = tmp_path / "again"
+    train(make_tiny_config(again, regularizer="none", seed=seed + 1, profile_steps=0, tensorboard=False))
+    evaluate(EvalConfig(checkpoint=str(again), splits=SPLITS, methods=METHODS, metrics=["energy_pointing_game"],
+                        max_images=16, device="cpu"))
+    text = write_report([pair / "ce", pair / "sib", again], tmp_path / "r", n_images=1, n_differ=0).read_text()
+    verdicts = [li for li in text.split("<li>")[1:] if " vs ce" in li]
+    assert len(verdicts) == 2
+    assert "retraining noise" in next(v for v in verdicts if "<b>again</b>" in v)
+    assert "retraining noise" not in next(v for v in verdicts if "<b>sib</b>" in v)
+    assert '<p class="caution"><b>Read with the reseeded run.</b> <b>again</b> trained' in text
+    # the S-IB run differs in its regulariser, so a two-run report has no such note
+    assert "Read with the reseeded run" not in write_report([pair / "ce", pair / "sib"], tmp_path / "r2",
+                                                            n_images=1, n_differ=0).read_text()
+
+
 # ------------------------------------------------------------------------------------------ real browser
 
 def _ci() -> bool:

@@ -128,3 +128,24 @@ def test_regularised_cpu_runs_get_the_cheap_double_backward_and_others_keep_pyto
     assert set(bns(model)) == {torch.nn.BatchNorm2d}
     assert use_cheap_double_backward(model, create_regularizer("sib"), cpu) == len(bns(model)) == 4
     assert set(bns(model)) == {FastBatchNorm2d}
+
+
+def test_bn_double_backward_option_is_recorded_and_pytorch_keeps_pytorchs(tmp_path, tiny_cfg):
+    """--bn-double-backward auto (default) gives a regularised CPU run sib.fast_bn, pytorch keeps PyTorch's
+    BatchNorm; run.json says which. Same maths: the two runs' losses agree to float rounding."""
+    import json
+
+    from sib.train import train
+
+    logs = {}
+    for choice in ("auto", "pytorch"):
+        out = tmp_path / choice
+        train(tiny_cfg(out, model="small_cnn", regularizer="sib", bn_double_backward=choice, profile_steps=0,
+                       tensorboard=False, max_steps_per_epoch=2))
+        session = json.loads((out / "run.json").read_text())["sessions"][-1]
+        assert session["fast_bn_layers"] == {"auto": 4, "pytorch": 0}[choice]
+        logs[choice] = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    for key in ("ce", "bg", "hsic"):
+        assert logs["auto"][key] == pytest.approx(logs["pytorch"][key], rel=1e-3)
+    with pytest.raises(ValueError, match="--bn-double-backward 'fast': valid values are auto, pytorch"):
+        train(tiny_cfg(tmp_path / "bad", bn_double_backward="fast"))

@@ -99,6 +99,10 @@ class TrainConfig:
         "precision of the regularised step under --amp: fp32 (faster on an H200, DESIGN.md) or amp (the same "
         "autocast as plain steps)", ("fp32", "amp")))
     channels_last: bool = field(default=False, metadata=_doc("channels-last memory format (GPU speed)"))
+    bn_double_backward: str = field(default="auto", metadata=_doc(
+        "BatchNorm's backward under the regulariser: auto (sib.fast_bn's closed form on a CPU, where it was "
+        "measured faster; same gradient to ~1e-6) or pytorch (PyTorch's own: bitwise the runs made before it)",
+        ("auto", "pytorch")))
     every: int = field(default=1, metadata=_doc(
         "apply the regulariser on every K-th step, plain cross-entropy steps in between"))
     seed: int = field(default=0, metadata=_doc("seed of the initialisation, data order and data splits"))

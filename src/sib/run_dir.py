@@ -44,7 +44,7 @@ WEIGHTS = {"best": BEST, "last": CHECKPOINT}  # EvalConfig.weights -> file of a 
 # TrainConfig fields a resume may change: run length, where and how it executes, what it logs. Everything
 # else (data, model, regulariser, optimisation, seed, ...) decides the trained weights and must match.
 RESUME_MAY_CHANGE = frozenset({"epochs", "device", "num_workers", "log_every", "profile_steps", "tensorboard",
-                               "eval_splits", "eval_batches", "resume", "overwrite", "out"})
+                               "eval_splits", "eval_batches", "bn_double_backward", "resume", "overwrite", "out"})
 _TEMP = re.compile(r"\.(?P<name>.+)\.[^.]+\.tmp")  # sib.io's temporary files: .<name>.<random>.tmp
 
 
@@ -83,9 +83,10 @@ EVAL = FolderKind("eval", "per_image.jsonl",
 TRAIN = FolderKind("train", CHECKPOINT,
                    ("config.json", "run.json", "log.jsonl", CHECKPOINT, BEST, "summary.json", "calibration.json"),
                    children={"tensorboard": TENSORBOARD, "eval": EVAL})
-# the demo's two training runs are sub-folders named as in sib.demo.RUNS
+# the demo's training runs are sub-folders named as in sib.demo.RUNS (ce first: the report's baseline)
 DEMO = FolderKind("demo", "comparison.json", ("comparison.csv", "comparison.json", "comparison.md"),
-                  patterns=("heatmaps_*.png",), children={"ce": TRAIN, "sib": TRAIN}, resumable=False)
+                  patterns=("heatmaps_*.png",), children={"ce": TRAIN, "sib": TRAIN, "ce_reseed": TRAIN},
+                  resumable=False)
 # sib study: DIR/runs/<setting>/seed<k>/ are training runs (sib.study writes the files listed)
 STUDY = FolderKind("study", "study.json",
                    ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png"),

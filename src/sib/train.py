@@ -149,6 +149,8 @@ def _validate(cfg: TrainConfig) -> None:
     checks = [
         (cfg.amp in ("none", "bf16", "fp16"), f"--amp {cfg.amp!r}: valid values are none, bf16, fp16"),
         (cfg.reg_precision in ("fp32", "amp"), f"--reg-precision {cfg.reg_precision!r}: valid values are fp32, amp"),
+        (cfg.bn_double_backward in ("auto", "pytorch"),
+         f"--bn-double-backward {cfg.bn_double_backward!r}: valid values are auto, pytorch"),
         (cfg.on_nonfinite in ("stop", "skip"), f"--on-nonfinite {cfg.on_nonfinite!r}: valid values are stop, skip"),
         (cfg.every >= 1, f"--every {cfg.every}: must be >= 1 (1 regularises every step)"),
         (cfg.accumulate >= 1, f"--accumulate {cfg.accumulate}: must be >= 1"),
@@ -180,14 +182,15 @@ def git_revision(path: Path = Path(__file__).parent) -> tuple[str | None, bool |
         return None, None
 
 
-def _record_session(out: Path, info: DistInfo, device: torch.device) -> None:
-    """Append this start (or resume) to `run.json`: git revision, versions, world size."""
+def _record_session(out: Path, info: DistInfo, device: torch.device, fast_bn_layers: int) -> None:
+    """Append this start (or resume) to `run.json`: git revision, versions, world size, and how many BatchNorm
+    layers use sib.fast_bn's double backward (0: PyTorch's everywhere)."""
     path = out / "run.json"
     sessions = json.loads(path.read_text())["sessions"] if path.exists() else []
     revision, dirty = git_revision()
     sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_revision": revision,
                      "git_dirty": dirty, "torch": torch.__version__, "world_size": info.world_size,
-                     "device": str(device)})
+                     "device": str(device), "fast_bn_layers": fast_bn_layers})
     save_json({"sessions": sessions}, path)
 
 
@@ -245,7 +248,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
     module = create_model(cfg.model, num_classes, cfg.image_size, cfg.pretrained).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     module = module.to(memory_format=memory_format)
-    use_cheap_double_backward(module, reg, device)  # regularised runs on a CPU: BatchNorm with a cheap double backward
+    # regularised runs on a CPU: BatchNorm with a cheap double backward (run.json records how many layers)
+    fast_bn_layers = use_cheap_double_backward(module, reg, device) if cfg.bn_double_backward == "auto" else 0
     # DDP at default settings: static_graph=True silently never syncs double-backprop gradients (DESIGN.md)
     model = DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else module
     opt = make_optimizer(cfg, module)
@@ -274,7 +278,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
         start_epoch, history, best_val = ckpt["epoch"], ckpt["history"], ckpt["best_val"]
     if info.is_main:
         save_json(to_dict(cfg), out / "config.json")
-        _record_session(out, info, device)
+        _record_session(out, info, device, fast_bn_layers)
     tb = _tensorboard(cfg, out, info)
     loss_options = {"amp_dtype": amp_dtype, "reg_precision": cfg.reg_precision,
                     "label_smoothing": cfg.label_smoothing}

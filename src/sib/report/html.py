@@ -142,16 +142,26 @@ def _glance(inp: ReportInput, rows: list[dict[str, Any]], colour: dict[str, str]
         parts.append("<p>No run has an evaluation yet: run <code>sib evaluate --checkpoint RUN</code> to compare "
                      "explanations; the training curves and configurations are below.</p>")
     sentences = []
+    noise = sections_.reseeded(inp)
     for run in dict.fromkeys(r["run"] for r in key if inp.baseline):
         mine = [r for r in key if r["run"] == run and finite(r["diff"])]
         up = sum(compare.sign(r) > 0 for r in mine)
         down = sum(compare.sign(r) < 0 for r in mine)
-        sentences.append(f"<li>{dot(colour.get(run, '#999'))}<b>{esc(run)}</b> vs {esc(inp.baseline)}: of "
+        what = (" <i>(the baseline's configuration with another seed: these differences are retraining noise)</i>"
+                if run in noise else "")
+        sentences.append(f"<li>{dot(colour.get(run, '#999'))}<b>{esc(run)}</b> vs {esc(inp.baseline)}{what}: of "
                          f"{len(mine)} key differences, "
                          f"<b>{up}</b> above zero and <b>{down}</b> below zero (95% interval excludes zero); "
-                         f"{len(mine) - up - down} within the noise</li>")
+                         f"{len(mine) - up - down} within the noise of image sampling</li>")
     if sentences:
         parts.append(f'<ul class="verdict">{"".join(sentences)}</ul>')
+    if noise and rows:
+        parts.append('<p class="caution"><b>Read with the reseeded run.</b> ' + ", ".join(
+            f"<b>{esc(n)}</b>" for n in noise) + " trained the baseline's configuration again with another seed. "
+            "Every difference it shows is what retraining alone moves; the intervals here cover only the sampling "
+            "of images, so they miss it. A difference of another run is evidence only where it is clearly larger "
+            "than the reseeded run's on the same row; to measure it properly, run a study with several seeds "
+            "(<code>sib study</code>) and report that.</p>")
     if inp.kind == "runs" and rows:
         used = [f"<b>{esc(r.label)}</b> {esc(sections_.evaluated_weights(r))}" for r in inp.runs if r.evaluated]
         parts.append(f'<p class="legend">Evaluated weights: {"; ".join(used)}. best.pt is the epoch of best '

@@ -40,6 +40,8 @@ td.neg { background: #fde2c8; color: #7f2704; font-weight: 600; }
 img.figure { max-width: 100%; border: 1px solid #eee; }
 .verdict { margin: 6px 0 10px; max-width: 1000px; list-style: none; padding-left: 0; }
 .verdict li { margin: 2px 0; }
+.caution { max-width: 1000px; margin: 6px 0 12px; padding: 8px 12px; background: #fff8e1;
+           border-left: 4px solid #f0b400; }
 table.key td { padding: 4px 10px; white-space: nowrap; }
 .small { font-size: 11px; }
 #comparison-table td { white-space: nowrap; }

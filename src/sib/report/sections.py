@@ -167,6 +167,22 @@ def differing_fields(inp: ReportInput) -> list[str]:
     return [k for k in keys if len({value(r.config.get(k, "—")) for r in shown}) > 1]
 
 
+def reseeded(inp: ReportInput) -> list[str]:
+    """Outside a study, the runs whose configuration is the baseline's but for the seed: their differences
+    from the baseline are what retraining alone does (the noise a one-seed comparison's intervals miss)."""
+    if inp.kind == "study" or inp.baseline is None:
+        return []
+    base = next(r for r in inp.runs if r.label == inp.baseline)
+    rest = set(base.config) - HIDDEN_CONFIG - {"seed"}
+
+    def same(r: Run) -> bool:
+        keys = rest | (set(r.config) - HIDDEN_CONFIG - {"seed"})
+        return r.config.get("seed") != base.config.get("seed") and all(
+            value(r.config.get(k, "—")) == value(base.config.get(k, "—")) for k in keys)
+
+    return [r.label for r in inp.runs if r is not base and r.config and same(r)]
+
+
 def configuration_section(inp: ReportInput, colour: dict[str, str]) -> str:
     parts = ['<section id="config"><h2>Configuration</h2><h3>Runs</h3>']
     rows = []
