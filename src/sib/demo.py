@@ -1,12 +1,12 @@
 """`sib demo` (what `make demo` runs): cross-entropy vs S-IB on the built-in benchmark, side by side.
 
 The most informative comparison the demo's CPU budget pays for (issue 9): cross-entropy; S-IB as published
-(the reference's weights); `sib_logp_cal`, the one S-IB-type setting of the README's seed study that raised an
-explanation's EPG without costing accuracy (our variant, R from the label's log-probability, its weight
+(the reference's weights); `sib_logp_cal`, the one S-IB-type setting of the README's seed studies that moved
+an explanation onto the object (input x gradient; our variant, R from the label's log-probability, its weight
 calibrated to the cross-entropy's gradient); and `ce_reseed`, cross-entropy again with the next seed. The
 first three share the seed, data, model, optimiser and epoch budget. `ce_reseed - ce` is what retraining
 alone does, which the per-image intervals of a one-seed comparison do not cover: a difference no larger than
-that is not evidence (the seed study measures it properly, with 3 seeds per setting).
+that is not evidence (the seed studies measure it properly, with 3 and 6 seeds per setting).
 Writes to `--out`:
     ce/, sib/, sib_logp_cal/, ce_reseed/   the training runs (config, log, checkpoints) and their eval/ folders
     comparison.{csv,json,md}  one row per (split, method, metric): CE, then each run and its difference to CE

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -43,6 +41,7 @@ from tqdm.auto import tqdm
 from sib.config import EvalConfig, TrainConfig, save_json, to_dict
 from sib.eval_summary import SummaryStream
 from sib.explain import EXPLAINERS, explain_many
+from sib.io import atomic_write
 from sib.metrics import METRICS
 from sib.metrics.faithfulness import PerturbationCache, target_probability
 from sib.metrics.functional import default_tolerance, finite_rows
@@ -135,27 +134,24 @@ def _read_done(path: Path, stream: SummaryStream) -> set[tuple[str, int]]:
     """Keep the finished batches of an interrupted per_image.jsonl: feed their rows to `stream`, rewrite the
     file as those rows then their end markers (dropping a half-written tail), return the finished batches.
 
-    Two passes over the file, never all its rows in memory; the rewrite goes to a temporary file (sib.io's
-    `.<name>.<random>.tmp`, which sib.run_dir removes if a kill leaves it) that replaces the old one when complete.
+    Two passes over the file, never all its rows in memory; the rewrite is `sib.io.atomic_write`'s (a temporary
+    file that replaces the old one when complete; sib.run_dir removes one a kill leaves behind).
     """
     if not path.exists():
         path.write_text("")
         return set()
     # a batch counts as done only if its end marker was written (the last line of every batch)
     done = {(r["split"], r["batch"]) for r in _rows_until_cut(path) if r.get("metric") == "_batch_done"}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, path.stat().st_mode & 0o777)  # mkstemp makes 0600: keep the file's own permissions
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in _rows_until_cut(path):
-                if r["metric"] != "_batch_done" and (r["split"], r["batch"]) in done:
-                    f.write(json.dumps(r) + "\n")
-                    stream.add(r)
-            f.writelines(json.dumps({"split": s, "batch": b, "metric": "_batch_done"}) + "\n"
-                         for s, b in sorted(done))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    def write(f: IO[bytes]) -> None:
+        for r in _rows_until_cut(path):
+            if r["metric"] != "_batch_done" and (r["split"], r["batch"]) in done:
+                f.write((json.dumps(r) + "\n").encode())
+                stream.add(r)
+        f.writelines((json.dumps({"split": s, "batch": b, "metric": "_batch_done"}) + "\n").encode()
+                     for s, b in sorted(done))
+
+    atomic_write(path, write, mode=path.stat().st_mode & 0o777)  # keep the file's own permissions
     return done
 
 

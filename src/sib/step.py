@@ -39,8 +39,8 @@ def use_cheap_double_backward(module: nn.Module, reg: Regularizer, device: torch
     Same parameters, buffers, state_dict and results (parameter gradient equal to PyTorch's double backward:
     tests/test_step.py). benchmarks/bench_step.py (ResNet-18, 64 px, batch 32, 2-core CPU): S-IB step 2.92x ->
     2.67x plain at 1 thread and 2.83x -> 2.86x (a tie) at 2 threads on a quiet machine, 13.7x -> 2.6x at 2
-    threads under load; peak memory 1.87x -> 1.70x plain. On a
-    GPU it is not measured yet (benchmarks/gpu_check.sh measures `sib+fastbn`), so CUDA models keep PyTorch's.
+    threads under load; peak memory 1.87x -> 1.70x plain. On a GPU it is not measured yet
+    (benchmarks/gpu_check.sh measures `sib+fastbn`), so CUDA models keep PyTorch's.
 
     Returns:
         the number of BatchNorm2d layers changed (0: nothing done).

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from sib.io import _atomic  # noqa: E402
+from sib.io import atomic_write  # noqa: E402
 
 
 def heatmap_grid(images: torch.Tensor, masks: torch.Tensor | None, columns: dict[str, torch.Tensor],
@@ -64,7 +64,7 @@ def heatmap_grid(images: torch.Tensor, masks: torch.Tensor | None, columns: dict
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -107,5 +107,5 @@ def overlay(image: torch.Tensor, attr: torch.Tensor, path: Path, min_side: int =
     base = img[0].clamp(0, 1).permute(1, 2, 0).numpy()  # (3, kH, kW) -> (kH, kW, 3)
     rgb = np.clip(((1 - alpha) * base + alpha * heat) * 255 + 0.5, 0, 255).astype(np.uint8)
     path = Path(path)
-    _atomic(path, lambda f: Image.fromarray(rgb, "RGB").save(f, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray(rgb, "RGB").save(f, format="PNG"))
     return path

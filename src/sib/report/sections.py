@@ -173,14 +173,12 @@ def reseeded(inp: ReportInput) -> list[str]:
     if inp.kind == "study" or inp.baseline is None:
         return []
     base = next(r for r in inp.runs if r.label == inp.baseline)
-    rest = set(base.config) - HIDDEN_CONFIG - {"seed"}
 
-    def same(r: Run) -> bool:
-        keys = rest | (set(r.config) - HIDDEN_CONFIG - {"seed"})
-        return r.config.get("seed") != base.config.get("seed") and all(
-            value(r.config.get(k, "—")) == value(base.config.get(k, "—")) for k in keys)
+    def differing(r: Run) -> set[str]:
+        keys = (set(base.config) | set(r.config)) - HIDDEN_CONFIG
+        return {k for k in keys if value(r.config.get(k, "—")) != value(base.config.get(k, "—"))}
 
-    return [r.label for r in inp.runs if r is not base and r.config and same(r)]
+    return [r.label for r in inp.runs if r is not base and r.config and differing(r) == {"seed"}]
 
 
 def configuration_section(inp: ReportInput, colour: dict[str, str]) -> str:

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sib.io import _atomic  # noqa: E402
+from sib.io import atomic_write  # noqa: E402
 
 EPG = "energy_pointing_game"
 
@@ -79,6 +79,6 @@ def dose_response(rows: list[dict[str, Any]], sweeps: dict[str, list[str]], base
                 ax.legend(fontsize=6, title=f"dashed: {baseline}", title_fontsize=6)
     fig.tight_layout()
     path = Path(path)
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
