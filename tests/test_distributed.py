@@ -26,8 +26,9 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # created here, so train() reuses it for all three runs
     out, saved = sys.argv[1], {}
-    for name in ["none", "rrr", "sib"]:
-        cfg = TrainConfig(**{**eval(sys.argv[2]), "regularizer": name, "out": f"{out}/ddp_{name}"})
+    runs = {"none": {}, "rrr": {}, "sib": {}, "energy_cam": {"regularizer": "energy", "reg_layer": "cam"}}
+    for name, extra in runs.items():
+        cfg = TrainConfig(**{**eval(sys.argv[2]), "regularizer": name, **extra, "out": f"{out}/ddp_{name}"})
         result = train(cfg)
         saved[name] = {"weights": result.model.state_dict(), "history": result.history,
                        "grads": [p.grad.clone() for p in result.model.parameters()]}
@@ -81,7 +82,7 @@ def test_two_processes_sync_gradients_and_match_the_union_batch(tmp_path):
          repr({**BASE, "batch_size": 8})], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for name in ["none", "rrr", "sib"]:
+    for name in ["none", "rrr", "sib", "energy_cam"]:
         a, b = ranks[0][name], ranks[1][name]
         # each rank saw different samples; DDP averaged the gradient of ce + regulariser (double backprop)
         assert all(torch.equal(g, h) for g, h in zip(a["grads"], b["grads"], strict=True)), name
@@ -90,8 +91,10 @@ def test_two_processes_sync_gradients_and_match_the_union_batch(tmp_path):
         assert _no_time(a["history"]) == _no_time(b["history"]), name
         assert a["history"][0]["step"] == 3
     assert (tmp_path / "ddp_sib" / "checkpoint.pt").is_file() and (tmp_path / "ddp_sib" / "log.jsonl").is_file()
-    for name in ["none", "rrr"]:  # a single process on the union batch: equal up to float reduction order
-        single = train(dataclasses_replace_config(BASE, batch_size=16, regularizer=name, out=str(tmp_path / name)))
+    extra = {"energy_cam": {"regularizer": "energy", "reg_layer": "cam"}}
+    for name in ["none", "rrr", "energy_cam"]:  # one process on the union batch: equal up to float reduction order
+        single = train(dataclasses_replace_config(BASE, batch_size=16, **{"regularizer": name, **extra.get(name, {})},
+                                                  out=str(tmp_path / name)))
         ddp = ranks[0][name]
         for g, h in zip(ddp["grads"], [p.grad for p in single.model.parameters()], strict=True):
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)

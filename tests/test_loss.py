@@ -215,8 +215,13 @@ def test_vjp_map_equals_autograd_vjp_closed_form():
         p = torch.softmax(model(x), dim=1)
         cot = p * (p - (p * p).sum(dim=1, keepdim=True))
     _, R_ref = torch.autograd.functional.vjp(model, x.detach(), v=cot)
-    torch.testing.assert_close(R.double(), R_ref, atol=1e-6, rtol=1e-5)
-    assert R.dtype == torch.float32 and R.shape == x.shape
+    # float64 logits keep float64 (the layer-level finite-difference tests need it): exact to rounding
+    torch.testing.assert_close(R, R_ref, atol=1e-12, rtol=1e-10)
+    assert R.dtype == torch.float64 and R.shape == x.shape
+    x32 = x.detach().float().requires_grad_()
+    R32 = vjp_map(model.float()(x32), x32)
+    assert R32.dtype == torch.float32
+    torch.testing.assert_close(R32.double(), R_ref, atol=1e-6, rtol=1e-5)
 
 
 def test_vjp_map_requires_grad_on_input():

@@ -92,7 +92,7 @@ def test_energy_closed_form_on_linear_model():
 
 
 def test_unknown_regularizer_lists_valid_names():
-    with pytest.raises(ValueError, match="valid names: energy, none, rrr, sib, sib_logp"):
+    with pytest.raises(ValueError, match="valid names: energy, hint, l1, none, rrr, rrr_star, sib, sib_logp"):
         create_regularizer("ib")
 
 

@@ -64,7 +64,27 @@ class TrainConfig:
     sib_form: str = field(default="exp", metadata=_doc(
         "sib/sib_logp: exp (the reference code: w_bg exp(bg) + w_fg exp(-HSIC)) or linear (bg - HSIC)",
         ("exp", "linear")))
-    reg_weight: float = field(default=1.0, metadata=_doc("weight of the rrr / energy regularisers"))
+    reg_weight: float = field(default=1.0, metadata=_doc(
+        "weight of the mask-supervised regularisers (rrr, energy, l1, rrr_star, hint)"))
+    # where and on what the regulariser acts (sib.guidance): the published input gradient, or a layer's explanation
+    reg_layer: str = field(default="input", metadata=_doc(
+        "where the regularised explanation is taken: input (the image: every method as published), cam (the "
+        "model family's CAM layer, e.g. small_cnn features, ResNet layer4) or a module path of the model "
+        "(layer3, features.2, ...)"))
+    reg_explanation: str = field(default="auto", metadata=_doc(
+        "the explanation the regulariser shapes: gradient (of its own target), grad_cam (the label's Grad-CAM, "
+        "at a layer only) or vjp (S-IB's map: sib, sib_logp); auto = gradient (vjp for sib) at the input, "
+        "grad_cam (vjp for sib) at a layer", ("auto", "gradient", "grad_cam", "vjp")))
+    # annotation budgets and the typology's counterexamples (sib.data.budget); training split only
+    reg_mask_fraction: float = field(default=1.0, metadata=_doc(
+        "share of the training images whose masks the regulariser may use (a fixed random subset per seed); the "
+        "others are trained with the cross-entropy alone"))
+    reg_annotation: str = field(default="mask", metadata=_doc(
+        "what the regulariser is given of each training image's object: mask (the dataset's masks) or box "
+        "(the mask's bounding box, a cheaper annotation)", ("mask", "box")))
+    counterexamples: float = field(default=0.0, metadata=_doc(
+        "share of the training images whose background is replaced, through their mask, by another training "
+        "image's (the typology's counterexamples: no explanation loss; a dataset with masks); 0: off"))
     # --reg-calibrate RATIO: before epoch 1, scale the regulariser's weight(s) so that its parameter-gradient
     # norm is RATIO x the cross-entropy's on the first training batches (sib.diagnostics; calibration.json)
     reg_calibrate: float | None = field(default=None, metadata=_doc(

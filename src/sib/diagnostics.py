@@ -131,7 +131,7 @@ def diagnostics(module: nn.Module, reg: Regularizer, x: torch.Tensor, y: torch.T
         x: (B, 3, H, W) normalised images; y: (B,) labels; mask: (B, 1, H, W) bool or None.
         **loss_options: the trainer's `step_loss` options (amp_dtype, reg_precision, label_smoothing).
     """
-    if not reg.needs_input_grad:
+    if not reg.regularises:
         return {}
     with preserved_state(module):
         module.train()
@@ -165,7 +165,7 @@ class EpochDiagnostics:
 
     def __call__(self) -> dict[str, float]:
         row = {} if self.reg_scale is None else {"reg_scale": self.reg_scale}
-        if not self.reg.needs_input_grad:
+        if not self.reg.regularises:
             return row
         if self._batch is None:
             first = next(iter(self.loader), None)
@@ -200,7 +200,7 @@ def calibrate(module: nn.Module, reg: Regularizer, batches: Iterable[Batch], tar
     if not (math.isfinite(target) and target > 0):
         raise ValueError(f"--reg-calibrate {target}: must be a positive finite ratio (e.g. 0.1)")
     before = reg.weights()
-    if not before or not reg.needs_input_grad:
+    if not before or not reg.regularises:
         raise ValueError(f"--reg-calibrate: regulariser {name!r} has no weight to calibrate")
     ratios = []
     with preserved_state(module):

@@ -67,7 +67,7 @@ class EpochLoop:
                 self.opt.zero_grad(set_to_none=True)
                 window_has_grad = False
             last = (i + 1) % cfg.accumulate == 0 or i + 1 == n
-            regularise = self.reg.needs_input_grad and step % cfg.every == 0  # False for "none"
+            regularise = self.reg.regularises and step % cfg.every == 0  # False for "none"
             # DDP all-reduces on the backward of the window's last micro-batch only
             sync = self.model.no_sync() if info.enabled and not last else nullcontext()
             with sync:

@@ -45,12 +45,14 @@ def vjp_map(logits: torch.Tensor, x: torch.Tensor, create_graph: bool = True) ->
     """The label-free VJP map R = d(0.5 * sum(softmax(logits)**2)) / dx.
 
     Args:
-        logits: (B, K) model outputs computed from `x` (any float dtype; softmax runs in float32).
+        logits: (B, K) model outputs computed from `x` (any float dtype; softmax runs in float32, or float64
+            for float64 logits).
         x: (B, C, H, W) input that `logits` was computed from, with `requires_grad=True`.
         create_graph: keep the graph of R so a loss on R can be backpropagated (double backprop).
 
     Returns:
-        R: (B, C, H, W) float32, the gradient of the squared-probability energy with respect to `x`.
+        R: (B, C, H, W) float32 (float64 for float64 inputs), the gradient of the squared-probability energy
+            with respect to `x`.
     """
     if not x.requires_grad:
         raise ValueError("vjp_map: x must have requires_grad=True before the forward pass "
@@ -59,10 +61,10 @@ def vjp_map(logits: torch.Tensor, x: torch.Tensor, create_graph: bool = True) ->
         raise ValueError(f"vjp_map: logits must be (B, K) with B = x.shape[0] = {x.shape[0]}, "
                          f"got {tuple(logits.shape)}")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        p = torch.softmax(logits.float(), dim=1)  # (B, K)
+        p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)  # (B, K)
         energy = 0.5 * (p * p).sum()
     (R,) = torch.autograd.grad(energy, x, create_graph=create_graph)
-    return R.float()
+    return R.to(torch.promote_types(R.dtype, torch.float32))  # float32; float64 stays float64 (tests)
 
 
 def default_window(height: int, width: int) -> int:
@@ -298,9 +300,9 @@ class SpatialIB(nn.Module):
                 if mask.shape != (R.shape[0], 1, *R.shape[2:]):
                     raise ValueError(f"SpatialIB: mask must be (B, 1, H, W) = {(R.shape[0], 1, *R.shape[2:])}, "
                                      f"got {tuple(mask.shape)}")
-                M = mask.float()
+                M = mask.to(R.dtype) if mask.is_floating_point() else mask.float()
             bg = background_term(R, M)
-            xf = x.float()
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))
             if R.shape[0] >= 2:
                 a = F.normalize((R * M).flatten(1), dim=1)  # (B, C*H*W)
                 b = F.normalize((xf * M).flatten(1), dim=1)

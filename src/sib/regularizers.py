@@ -21,6 +21,16 @@ Names (the same strings in configs, CLI, tables and reports):
 - "energy": one minus the energy pointing game of input-gradient attributions (Rao et al. 2023):
           attr = relu(sum over channels of d logit_y / dx); loss = mean(1 - sum(attr*fg) / sum(attr)).
 - "sib_logp": ours, a variant of S-IB (not in the paper; `sib` stays as published). See below.
+- "l1":   Rao et al. 2023's L1: mean over pixels of |M - relu(A) / max relu(A)|.
+- "rrr_star": Rao et al. 2023's RRR*: sum over the background of (relu(A) / max relu(A))^2.
+- "hint": HINT (Selvaraju et al. 2019; Friedrich et al. 2023's typology): mean squared error between the
+          max-normalised explanation and the mask.
+
+Where and on what (sib.guidance): every regulariser takes `layer` ("input", "cam" or a module path) and the
+mask-supervised ones an `explanation` ("gradient" of their own target, or the label's "grad_cam" at a layer).
+`create_regularizer(name)` with the defaults is the published method at the input, unchanged (bitwise:
+tests/test_guidance.py). At a layer: `energy` on Grad-CAM is Rao et al.'s final-layer Energy, `rrr` on Grad-CAM
+the typology's RRR-G, `sib` / `sib_logp` S-IB's construction on the layer's VJP (see SIBRegularizer).
 
 `sib_logp`, PAPER vs ours. Kept from the paper: the adaptive mask M derived from R (or the ground truth
 with `mask_source="gt"`), the foreground HSIC between R*M and x*M, the background variance of R*(1-M), the
@@ -39,11 +49,28 @@ paper's R (typically far larger), so the published weights are not calibrated fo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from sib.guidance import (
+    Capture,
+    capture,
+    energy_loss,
+    f32,
+    grad_cam_map,
+    gradient_map,
+    hint_loss,
+    l1_loss,
+    mask_to_grid,
+    resolve_layer,
+    rrr_loss,
+    rrr_star_loss,
+    to_image,
+)
 from sib.loss import SpatialIB, vjp_map
 from sib.registry import Registry
 
@@ -58,10 +85,42 @@ class RegOutput(NamedTuple):
 
 
 class Regularizer(nn.Module):
-    """Base: `needs_mask` regularisers refuse datasets without foreground masks."""
+    """Base: `needs_mask` regularisers refuse datasets without foreground masks.
+
+    `regularises`: False only for "none" (the trainer then runs plain steps). `layer` (sib.guidance): "input"
+    (the published place), "cam" or a module path; at a layer the step's forward runs inside `capturing(model)`,
+    which keeps that layer's output for `forward`. `needs_input_grad`: the step sets `x.requires_grad` (only
+    when the explanation is taken at the input).
+    """
 
     needs_mask: bool = False
-    needs_input_grad: bool = True
+    regularises: bool = True
+    layer: str = "input"
+    explanation: str = "gradient"
+    _cap: Capture | None = None
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return self.regularises and self.layer == "input"
+
+    @contextmanager
+    def capturing(self, model: nn.Module) -> Iterator[None]:
+        """Keep the regularised layer's output of the forward passes in the block (no-op at the input)."""
+        if self.layer == "input":
+            yield
+            return
+        with capture(model, resolve_layer(model, self.layer)) as cap:
+            self._cap = cap
+            try:
+                yield
+            finally:
+                self._cap = None
+
+    def _layer_output(self) -> tuple[torch.Tensor, Capture]:
+        if self._cap is None:
+            raise RuntimeError(f"{type(self).__name__} at --reg-layer {self.layer!r}: call the model inside "
+                               "reg.capturing(model) (sib.step.step_loss does)")
+        return self._cap.take(), self._cap
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
                 mask: torch.Tensor | None) -> RegOutput:
@@ -95,7 +154,7 @@ REGULARIZERS: Registry[type[Regularizer]] = Registry("regularizer")
 
 @REGULARIZERS.register("none")
 class NoRegularizer(Regularizer):
-    needs_input_grad = False
+    regularises = False
 
     def forward(self, x, logits, y, mask):
         return RegOutput(logits.new_zeros(()).float(), {})
@@ -103,15 +162,26 @@ class NoRegularizer(Regularizer):
 
 @REGULARIZERS.register("sib")
 class SIBRegularizer(Regularizer):
-    """S-IB (PAPER.md); parts logged: hsic (foreground), bg (background variance), coverage (mask mean)."""
+    """S-IB (PAPER.md); parts logged: hsic (foreground), bg (background variance), coverage (mask mean).
+
+    At a layer (`layer` "cam" or a module path; sib.guidance) the same construction runs on the layer: R is
+    the VJP map w.r.t. the layer's activations A (B, K, h, w), the adaptive mask is derived from it at the
+    layer's resolution (window 3 on an 8x8 grid: `default_window`), the HSIC pairs R*M with A*M, and the
+    background term is the variance of R*(1-M). With `mask_source="gt"` the mask is area-pooled to the grid.
+    `maps["R"]` is then sqrt(sum_k R^2) upsampled to the image (for the diagnostics), `maps["M"]` the mask on
+    the grid.
+    """
+
+    explanation = "vjp"
 
     def __init__(self, mask_source: str = "adaptive", bg_weight: float = 1000.0, fg_weight: float = 0.01,
-                 window: int | None = None, form: str = "exp") -> None:
+                 window: int | None = None, form: str = "exp", layer: str = "input") -> None:
         super().__init__()
         if mask_source not in ("adaptive", "gt"):
             raise ValueError(f"mask_source must be 'adaptive' or 'gt', got {mask_source!r}")
         self.mask_source = mask_source
         self.needs_mask = mask_source == "gt"
+        self.layer = layer
         self.sib = SpatialIB(bg_weight=bg_weight, fg_weight=fg_weight, window=window, form=form)
 
     def attribution_map(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -120,9 +190,20 @@ class SIBRegularizer(Regularizer):
 
     def forward(self, x, logits, y, mask):
         gt = self._require_mask(mask, x) if self.needs_mask else None
+        if self.layer != "input":
+            return self._at_layer(x, logits, y, gt)
         R = self.attribution_map(x, logits, y)
         t = self.sib(x, logits, mask=gt, R=R)
         maps = {"R": R.detach(), **({"M": t.mask} if gt is None else {})}
+        return RegOutput(t.loss, {"hsic": t.hsic, "bg": t.background, "coverage": t.coverage}, maps)
+
+    def _at_layer(self, x, logits, y, gt):
+        acts, cap = self._layer_output()
+        R = cap.to_grid(self.attribution_map(acts, logits, y))  # d/dA, (B, K, h, w)
+        A = cap.to_grid(acts)
+        t = self.sib(A, logits, mask=None if gt is None else mask_to_grid(gt, tuple(R.shape[-2:])), R=R)
+        shown = to_image(R.detach().pow(2).sum(dim=1, keepdim=True).sqrt(), tuple(x.shape[-2:]))
+        maps = {"R": shown, **({"M": t.mask} if gt is None else {})}
         return RegOutput(t.loss, {"hsic": t.hsic, "bg": t.background, "coverage": t.coverage}, maps)
 
     def weights(self) -> dict[str, float]:
@@ -178,13 +259,26 @@ def _input_grad(outputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _MaskSupervised(Regularizer):
-    """A ground-truth-mask regulariser with one weight (RRR, energy)."""
+    """A ground-truth-mask regulariser with one weight, on an explanation at a layer.
+
+    Subclasses give `_per_image(attr, fg)` (the loss per image, on a map at image resolution) and the
+    explanation's target (`_score`: the label's logit unless overridden). At the input with the gradient
+    (`layer="input"`, `explanation="gradient"`) `_published` keeps each method's original formula.
+
+    Annotation budgets: with `partial=True` (a run with --reg-mask-fraction below 1) an image whose mask is
+    empty counts as unannotated: the loss is the mean over the batch's annotated images only (0 when there are
+    none), so those images are trained by the cross-entropy alone. Without it every image counts (the
+    published methods' batch mean).
+    """
 
     needs_mask = True
+    explanations = ("gradient", "grad_cam")
+    part_name = ""  # the log key of the (unweighted) loss: the registry name
 
-    def __init__(self, weight: float = 1.0) -> None:
+    def __init__(self, weight: float = 1.0, layer: str = "input", explanation: str = "gradient",
+                 partial: bool = False) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight, self.layer, self.explanation, self.partial = weight, layer, explanation, partial
 
     def weights(self) -> dict[str, float]:
         return {"reg_weight": self.weight}
@@ -192,44 +286,166 @@ class _MaskSupervised(Regularizer):
     def _set_weights(self, weights: dict[str, float]) -> None:
         self.weight = weights["reg_weight"]
 
+    def _score(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return f32(logits).gather(1, y[:, None]).sum()
 
-@REGULARIZERS.register("rrr")
-class RRRRegularizer(_MaskSupervised):
-    """Ross et al. 2017: weight * mean_b sum_{background pixels, channels} (d sum_k log p_k / dx)^2."""
+    def _published(self, x, logits, y, fg) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-image loss (B,), attribution map) of the input-gradient form; the generic one by default."""
+        return self._generic(x, logits, y, fg.float())
+
+    def _explain(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The explanation (B, 1, h, w) at the configured place, with its graph."""
+        if self.layer == "input":
+            acts, cap = x, Capture()
+        else:
+            acts, cap = self._layer_output()
+        if self.explanation == "grad_cam":
+            return grad_cam_map(f32(logits).gather(1, y[:, None]).sum(), acts, cap)
+        return gradient_map(self._score(logits, y), acts, cap)
+
+    def _generic(self, x, logits, y, fg) -> tuple[torch.Tensor, torch.Tensor]:
+        attr = to_image(self._explain(x, logits, y), tuple(x.shape[-2:]))
+        return self._per_image(attr, fg), attr
+
+    def _per_image(self, attr: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x, logits, y, mask):
         fg = self._require_mask(mask, x)
+        if self.layer == "input" and self.explanation == "gradient":
+            per, R = self._published(x, logits, y, fg)
+        else:
+            per, R = self._generic(x, logits, y, fg.float())
+        if self.partial:
+            annotated = fg.flatten(1).any(dim=1)
+            loss = torch.where(annotated, per, torch.zeros_like(per)).sum() / annotated.sum().clamp_min(1)
+        else:
+            loss = per.mean()
+        return RegOutput(self.weight * loss, {self.part_name: loss.detach()}, {"R": R.detach()})
+
+
+@REGULARIZERS.register("rrr")
+class RRRRegularizer(_MaskSupervised):
+    """Ross et al. 2017: weight * mean_b sum_{background pixels, channels} (d sum_k log p_k / dx)^2.
+
+    At a layer: with `explanation="gradient"` the same on d sum_k log p_k / dA (sum_k of squares per cell,
+    upsampled); with "grad_cam" it is the typology's RRR-G: sum over the background of Grad-CAM^2.
+    """
+
+    part_name = "rrr"
+
+    def _score(self, logits, y):
+        return torch.log_softmax(f32(logits), dim=1).sum()
+
+    def _published(self, x, logits, y, fg):
         g = _input_grad(torch.log_softmax(logits.float(), dim=1).sum(), x)  # (B, C, H, W)
-        penalty = ((g * (~fg.bool()).float()) ** 2).flatten(1).sum(dim=1).mean()
-        return RegOutput(self.weight * penalty, {"rrr": penalty.detach()}, {"R": g.detach()})
+        return ((g * (~fg.bool()).float()) ** 2).flatten(1).sum(dim=1), g
+
+    def _explain(self, x, logits, y):
+        m = super()._explain(x, logits, y)
+        return m * m if self.explanation == "grad_cam" else m
+
+    def _generic(self, x, logits, y, fg):
+        if self.explanation == "gradient":  # sum_k g_k^2 per cell, then upsampled
+            acts, cap = (x, Capture()) if self.layer == "input" else self._layer_output()
+            attr = to_image(gradient_map(self._score(logits, y), acts, cap, squared=True), tuple(x.shape[-2:]))
+        else:
+            attr = to_image(self._explain(x, logits, y), tuple(x.shape[-2:]))
+        return rrr_loss(attr, fg), attr
 
 
 @REGULARIZERS.register("energy")
 class EnergyRegularizer(_MaskSupervised):
-    """Rao et al. 2023: weight * mean_b (1 - EPG) of relu(channel-summed input gradient of logit_y)."""
+    """Rao et al. 2023: weight * mean_b (1 - EPG) of relu(channel-summed input gradient of logit_y); at a layer
+    on the label's Grad-CAM (their final-layer Energy) or the layer gradient."""
 
-    def forward(self, x, logits, y, mask):
-        fg = self._require_mask(mask, x).float()
+    part_name = "energy"
+
+    def _published(self, x, logits, y, fg):
+        fg = fg.float()
         g = _input_grad(logits.float().gather(1, y[:, None]).sum(), x)  # (B, C, H, W)
         attr = torch.relu(g.sum(dim=1, keepdim=True))  # (B, 1, H, W)
         total = attr.flatten(1).sum(dim=1)
         inside = (attr * fg).flatten(1).sum(dim=1)
         # an all-zero attribution has no energy anywhere: count it as 0 on the object (loss 1)
         epg = torch.where(total > 0, inside / total.clamp_min(1e-12), torch.zeros_like(total))
-        loss = (1 - epg).mean()
-        return RegOutput(self.weight * loss, {"energy": loss.detach()}, {"R": g.detach()})
+        return 1 - epg, g
+
+    def _per_image(self, attr, fg):
+        return energy_loss(attr, fg)
+
+
+@REGULARIZERS.register("l1")
+class L1Regularizer(_MaskSupervised):
+    """Rao et al. 2023's L1: weight * mean_b mean_pixels |M - relu(A) / max relu(A)|."""
+
+    part_name = "l1"
+
+    def _per_image(self, attr, fg):
+        return l1_loss(attr, fg)
+
+
+@REGULARIZERS.register("rrr_star")
+class RRRStarRegularizer(_MaskSupervised):
+    """Rao et al. 2023's RRR*: weight * mean_b sum_{background} (relu(A) / max relu(A))^2."""
+
+    part_name = "rrr_star"
+
+    def _per_image(self, attr, fg):
+        return rrr_star_loss(attr, fg)
+
+
+@REGULARIZERS.register("hint")
+class HINTRegularizer(_MaskSupervised):
+    """HINT (Selvaraju et al. 2019; the typology): weight * mean_b mean_pixels (relu(A) / max relu(A) - M)^2,
+    the label's explanation regressed onto the mask (rewarding attribution on the object, not only
+    penalising it outside)."""
+
+    part_name = "hint"
+
+    def _per_image(self, attr, fg):
+        return hint_loss(attr, fg)
+
+
+def resolve_explanation(name: str, layer: str, explanation: str) -> str:
+    """The explanation a (regulariser, layer, explanation) triple trains; a ValueError for a combination that
+    has none. "auto": the regulariser's published map at the input (the gradient; S-IB's VJP), the label's
+    Grad-CAM at a layer (S-IB: its VJP)."""
+    cls = REGULARIZERS.get(name)
+    if not cls.regularises:
+        if layer != "input" or explanation not in ("auto", "gradient"):
+            raise ValueError(f"--reg-layer / --reg-explanation apply to a regulariser, not to --regularizer {name}")
+        return "gradient"
+    if issubclass(cls, SIBRegularizer):
+        if explanation not in ("auto", "vjp"):
+            raise ValueError(f"--regularizer {name} shapes its own map (the VJP: --reg-explanation vjp), not "
+                             f"{explanation!r}; the mask-supervised regularisers take gradient or grad_cam")
+        return "vjp"
+    if explanation == "auto":
+        return "gradient" if layer == "input" else "grad_cam"
+    allowed = getattr(cls, "explanations", ())
+    if explanation not in allowed:
+        raise ValueError(f"--regularizer {name} --reg-explanation {explanation!r}: valid values are auto, "
+                         f"{', '.join(allowed)} (vjp is S-IB's: --regularizer sib or sib_logp)")
+    if explanation == "grad_cam" and layer == "input":
+        raise ValueError(f"--regularizer {name}: --reg-explanation grad_cam needs a layer (--reg-layer cam or a "
+                         "module path); at the input use gradient")
+    return explanation
 
 
 def create_regularizer(name: str, mask_source: str = "adaptive", weight: float = 1.0,
                        sib_bg_weight: float = 1000.0, sib_fg_weight: float = 0.01,
-                       sib_window: int | None = None, sib_form: str = "exp") -> Regularizer:
-    """Build a regulariser by registry name (see module docstring)."""
+                       sib_window: int | None = None, sib_form: str = "exp", layer: str = "input",
+                       explanation: str = "auto", partial: bool = False) -> Regularizer:
+    """Build a regulariser by registry name (see module docstring); `layer` / `explanation`: sib.guidance;
+    `partial`: images with an empty mask are unannotated (an annotation budget, _MaskSupervised)."""
     cls = REGULARIZERS.get(name)
+    explanation = resolve_explanation(name, layer, explanation)
     if issubclass(cls, SIBRegularizer):  # sib and sib_logp
         return cls(mask_source=mask_source, bg_weight=sib_bg_weight, fg_weight=sib_fg_weight,
-                   window=sib_window, form=sib_form)
+                   window=sib_window, form=sib_form, layer=layer)
     if mask_source != "adaptive":
         raise ValueError(f"--mask-source {mask_source!r} applies to --regularizer sib only, not {name!r}")
     if issubclass(cls, _MaskSupervised):
-        return cls(weight=weight)
+        return cls(weight=weight, layer=layer, explanation=explanation, partial=partial)
     return cls()

@@ -2,8 +2,9 @@
 
 A regularised step differs from a plain one in three ways, all decided here so the trainer, the timing
 probe and `benchmarks/bench_step.py` agree:
-- the input gets `requires_grad` and the regulariser differentiates the logits with respect to it with
-  `create_graph=True` (double backprop);
+- the regulariser differentiates the logits with respect to the input (which then gets `requires_grad`) or
+  to a layer's output captured in the same forward (`Regularizer.capturing`, sib.guidance), with
+  `create_graph=True` (double backprop: at a layer it runs through the part of the model after the layer);
 - attention runs on the plain "math" SDPA kernel: the fused kernels (flash / memory-efficient, chosen by
   default for torchvision's ViT) have no double backward ("derivative for
   aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"). Plain steps and
@@ -71,10 +72,11 @@ def step_loss(model: nn.Module, reg: Regularizer, x: torch.Tensor, y: torch.Tens
     Returns:
         logits (B, K), ce (0-dim float32), the regulariser's output or None on a plain step.
     """
-    regularise = regularise and reg.needs_input_grad
-    x.requires_grad_(regularise)
+    regularise = regularise and reg.regularises
+    x.requires_grad_(regularise and reg.needs_input_grad)
     use_amp = amp_dtype is not None and (not regularise or reg_precision == "amp")
-    with double_backward_attention(regularise):
+    # at a layer (sib.guidance), the forward keeps that layer's output for the regulariser: one model call
+    with double_backward_attention(regularise), reg.capturing(model) if regularise else nullcontext():
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
             logits = model(x)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -102,7 +104,7 @@ def time_steps(model: nn.Module, reg: Regularizer, make_optimizer: Callable[[nn.
     device = x0.device
     probe = copy.deepcopy(model).train()
     opt = make_optimizer(probe)
-    kinds = [("plain_step_s", False)] + ([("reg_step_s", True)] if reg.needs_input_grad else [])
+    kinds = [("plain_step_s", False)] + ([("reg_step_s", True)] if reg.regularises else [])
     result: dict[str, float] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for key, regularise in kinds:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from sib.config import TrainConfig, save_json, to_dict
 from sib.data import collate, create_dataset
+from sib.data.budget import TrainingAnnotations
 from sib.data.transforms import create_transform
 from sib.diagnostics import EpochDiagnostics, calibrate_run
 from sib.distributed import (
@@ -50,7 +51,7 @@ from sib.distributed import (
 from sib.epoch import EpochLoop, NonFiniteLossError  # noqa: F401 (callers catch it from sib.train)
 from sib.io import atomic_write_text
 from sib.models import create_model
-from sib.regularizers import create_regularizer
+from sib.regularizers import Regularizer, create_regularizer
 from sib.run_dir import (  # noqa: F401 (load_checkpoint: callers import it from sib.train)
     BEST,
     CHECKPOINT,
@@ -127,6 +128,33 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device, max_bat
         totals = all_reduce_(torch.stack([correct.double(), torch.tensor(float(n), device=device)]), info)
         return totals[0].item() / max(totals[1].item(), 1)
     return correct.item() / max(n, 1)
+
+
+def regularizer_for(cfg: TrainConfig) -> Regularizer:
+    """The run's regulariser, built from its TrainConfig fields."""
+    return create_regularizer(cfg.regularizer, mask_source=cfg.mask_source, weight=cfg.reg_weight,
+                              sib_bg_weight=cfg.sib_bg_weight, sib_fg_weight=cfg.sib_fg_weight,
+                              sib_window=cfg.sib_window, sib_form=cfg.sib_form, layer=cfg.reg_layer,
+                              explanation=cfg.reg_explanation, partial=cfg.reg_mask_fraction < 1)
+
+
+def training_annotations(cfg: TrainConfig, train_ds: Dataset, reg: Regularizer) -> Dataset:
+    """The training split with --counterexamples, --reg-mask-fraction and --reg-annotation applied
+    (sib.data.budget); the split itself when none is set."""
+    budget = cfg.reg_mask_fraction < 1 or cfg.reg_annotation != "mask"
+    if not budget and cfg.counterexamples == 0:
+        return train_ds
+    if not getattr(train_ds, "has_masks", False):
+        raise ValueError(f"--counterexamples / --reg-mask-fraction / --reg-annotation need foreground masks, and "
+                         f"dataset {cfg.dataset!r} has none")
+    if budget and not reg.needs_mask:
+        raise ValueError(f"--reg-mask-fraction / --reg-annotation set what a mask-supervised regulariser is given; "
+                         f"--regularizer {cfg.regularizer} (mask source {cfg.mask_source}) uses no mask")
+    if cfg.reg_mask_fraction < 1 and not hasattr(reg, "partial"):
+        raise ValueError(f"--reg-mask-fraction {cfg.reg_mask_fraction}: --regularizer {cfg.regularizer} cannot leave "
+                         "images out; use rrr, energy, l1, rrr_star or hint")
+    return TrainingAnnotations(train_ds, counterexamples=cfg.counterexamples, mask_fraction=cfg.reg_mask_fraction,
+                               annotation=cfg.reg_annotation, seed=cfg.seed)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -239,12 +267,11 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
     for s in ["val", *cfg.eval_splits]:
         ds = make_dataset(cfg, s, train=False)
         eval_loaders[s] = make_loader(ds, cfg.batch_size, cfg.num_workers, indices=shard_indices(len(ds), info))
-    reg = create_regularizer(cfg.regularizer, mask_source=cfg.mask_source, weight=cfg.reg_weight,
-                             sib_bg_weight=cfg.sib_bg_weight, sib_fg_weight=cfg.sib_fg_weight,
-                             sib_window=cfg.sib_window, sib_form=cfg.sib_form)
+    reg = regularizer_for(cfg)
     if reg.needs_mask and not getattr(train_ds, "has_masks", False):
         raise ValueError(f"--regularizer {cfg.regularizer} (mask source {cfg.mask_source}) needs foreground "
                          f"masks, and dataset {cfg.dataset!r} has none")
+    train_ds = training_annotations(cfg, train_ds, reg)
     module = create_model(cfg.model, num_classes, cfg.image_size, cfg.pretrained).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     module = module.to(memory_format=memory_format)

@@ -166,6 +166,8 @@ class SyntheticBenchmark(Dataset):
         image_size: side H = W in pixels (64 default; 224 works).
         num_classes: K in [2, 10]; class c is the digit c, texture family c is its background cue.
         rho: probability that the background family equals the label (not in "test_shifted").
+        train_rho: the "train" split's rho when given (val and test keep `rho`): 1 / num_classes makes the
+            training backgrounds independent of the label (the unconfounded-training ceiling of a study).
         seed: base seed; sample i of a split depends only on (seed, split, i).
         normalization: a name in `sib.data.transforms.NORMALIZATIONS`.
         cache: keep generated samples (uint8 image, bool mask) in memory; transforms are not cached.
@@ -175,7 +177,10 @@ class SyntheticBenchmark(Dataset):
 
     def __init__(self, root: str | None = None, split: str = "train", transform: Transform | None = None, *,
                  num_samples: int | None = None, image_size: int = 64, num_classes: int = 6,
-                 rho: float = 0.9, seed: int = 0, normalization: str = "half", cache: bool = True) -> None:
+                 rho: float = 0.9, seed: int = 0, normalization: str = "half", cache: bool = True,
+                 train_rho: float | None = None) -> None:
+        if split == "train" and train_rho is not None:
+            rho = float(train_rho)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} for 'synthetic'; valid splits: {', '.join(SPLITS)}")
         if not 2 <= num_classes <= MAX_CLASSES:
