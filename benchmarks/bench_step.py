@@ -3,9 +3,14 @@
     python benchmarks/bench_step.py                       # ResNet-18, 64 px, batch 32, CPU
     python benchmarks/bench_step.py --device cuda --image-size 224 --regularizers none sib sib@4 rrr energy
     python benchmarks/bench_step.py --threads 2 --rounds 3 --regularizers none sib sib+fastbn sib+cl
+    python benchmarks/bench_step.py --models small_cnn resnet18 --regularizers none energy energy:cam sib sib:cam
 
 A step is: forward, cross-entropy (+ regulariser), backward, AdamW step, built by `sib.step.step_loss`
-exactly as the trainer builds it (math attention kernel on regularised steps). A variant `name@K` is
+exactly as the trainer builds it (math attention kernel on regularised steps). A variant `name:LAYER` is
+`--regularizer name --reg-layer LAYER` (cam or a module path; its default explanation: the label's Grad-CAM,
+S-IB's VJP for sib): guidance at a layer, whose double backward runs through the model after the layer
+only. Several `--models` are measured one after the other in one run, each against its own plain step
+(lines `<model> <variant>_over_plain: <ratio>` and `..._peak_memory_over_plain`). A variant `name@K` is
 `--regularizer name --every K`: one regularised step then K-1 plain ones; its time is the amortised
 per-step cost, (time of the K steps) / K, the median over cycles. Each variant runs in its own
 subprocess so that peak memory is its own: on CPU the process's peak resident set size growth over the
@@ -65,14 +70,15 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     from sib.step import step_loss
 
     spec, *opts = variant.split("+")
-    name, _, every = spec.partition("@")
+    spec, _, every = spec.partition("@")
+    name, _, layer = spec.partition(":")
     every = int(every or 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, x0, y, mask, fmt = build(args, set(opts))
     device = x0.device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    reg = create_regularizer(name)
+    reg = create_regularizer(name, layer=layer or "input")
 
     def one(regularise: bool) -> None:
         _, ce, r = step_loss(model, reg, x0.clone(memory_format=fmt), y, mask, regularise=regularise,
@@ -143,7 +149,7 @@ def gradient_check(args: argparse.Namespace, name: str, opts: set[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18")
+    p.add_argument("--models", nargs="+", default=["resnet18"], help="models measured one after the other")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
@@ -152,8 +158,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--regularizers", nargs="+", default=["none", "sib", "sib@4", "rrr", "energy"],
-                   help="registry names; name@K = every K-th step regularised (amortised per-step time); "
-                        "+cl: channels_last model and input; +fastbn: sib.fast_bn.FastBatchNorm2d")
+                   help="registry names; name:LAYER = at a layer (cam or a module path); name@K = every K-th step "
+                        "regularised (amortised per-step time); +cl: channels_last model and input; +fastbn: "
+                        "sib.fast_bn.FastBatchNorm2d")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the steps")
     p.add_argument("--reg-precision", choices=["fp32", "amp"], default="fp32",
                    help="as the trainer's --reg-precision: fp32 runs the regularised step without autocast")
@@ -165,22 +172,34 @@ def main() -> None:
                    help="rounds over all variants, alternated (each variant's fastest round is kept): on a "
                         "loaded machine both sides of a ratio then see the same load")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._variant:  # child process: one variant, result as JSON on the last line
+    if args._variant:  # child process: one variant of one model, result as JSON on the last line
+        args.model = args._model
         print(json.dumps(run_variant(args, args._variant)))
         return
     if "none" not in args.regularizers:  # the reference of every ratio
         args.regularizers.insert(0, "none")
+    base = [a for a in sys.argv[1:] if not a.startswith(("--_variant", "--_model"))]
+    for model in args.models:
+        args.model = model
+        report(args, measure(args, base, model))
+
+
+def measure(args: argparse.Namespace, base: list[str], model: str) -> dict[str, dict]:
     results: dict[str, dict] = {}
-    base = [a for a in sys.argv[1:] if not a.startswith("--_variant")]
     for _ in range(args.rounds):
         for r in args.regularizers:
-            out = subprocess.run([sys.executable, __file__, *base, "--_variant", r], check=True, capture_output=True,
-                                 text=True).stdout
+            out = subprocess.run([sys.executable, __file__, *base, "--_variant", r, "--_model", model], check=True,
+                                 capture_output=True, text=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
             if r not in results or res["median_s"] < results[r]["median_s"]:
                 results[r] = res
-    print(f"model={args.model} image={args.image_size}px batch={args.batch_size} device={args.device} "
+    return results
+
+
+def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
+    print(f"\nmodel={args.model} image={args.image_size}px batch={args.batch_size} device={args.device} "
           f"precision={args.precision} reg-precision={args.reg_precision} channels_last={args.channels_last}\n"
           f"threads={args.threads or 'default'} "
           f"steps={args.steps} (median of), "
@@ -197,6 +216,10 @@ def main() -> None:
     for r, res in results.items():
         if res.get("profile"):
             print(f"\n--- {r}: top {args.profile} operators by self time over {args.steps} steps\n{res['profile']}")
+    for r, res in results.items():
+        if r != "none":
+            print(f"{args.model} {r}_peak_memory_over_plain: {res['peak_mib'] / plain_mem:.2f}")
+            print(f"{args.model} {r}_over_plain: {res['median_s'] / plain:.2f}")
     if "sib" in results:
         print(f"sib_peak_memory_over_plain: {results['sib']['peak_mib'] / plain_mem:.2f}")
         print(f"sib_over_plain: {results['sib']['median_s'] / plain:.2f}")

@@ -20,14 +20,14 @@ LOG=${OUT:-/tmp}/gpu_check.txt
 
 if [[ "${1:-}" == "--smoke" ]]; then
   DEVICE=cpu
-  R50=(--model resnet18 --image-size 32 --batch-size 4 --steps 1 --warmup 1 --threads 1)
-  VIT=(--model vit_b_16 --image-size 32 --batch-size 2 --steps 1 --warmup 0 --threads 1)
+  R50=(--models resnet18 --image-size 32 --batch-size 4 --steps 1 --warmup 1 --threads 1)
+  VIT=(--models vit_b_16 --image-size 32 --batch-size 2 --steps 1 --warmup 0 --threads 1)
   EVAL=(--model resnet18 --image-size 32 --images 4 --ig-steps 2 --steps 2 --repeats 1 --threads 1)
 else
   DEVICE=cuda
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run with --smoke on a CPU')"
-  R50=(--model resnet50 --image-size 224 --batch-size 64 --steps 10 --warmup 3)
-  VIT=(--model vit_b_16 --image-size 224 --batch-size 64 --steps 10 --warmup 3)
+  R50=(--models resnet50 --image-size 224 --batch-size 64 --steps 10 --warmup 3)
+  VIT=(--models vit_b_16 --image-size 224 --batch-size 64 --steps 10 --warmup 3)
   EVAL=(--model resnet50 --image-size 224 --images 32 --ig-steps 8 --steps 8 --repeats 2)
 fi
 
@@ -35,7 +35,7 @@ fi
   echo "== gpu_check $(date -u +%FT%TZ) device=$DEVICE git=$(git rev-parse --short HEAD 2>/dev/null || echo -)"
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
   echo "== 1. ResNet-50 fp32"
-  "$PY" benchmarks/bench_step.py --device "$DEVICE" "${R50[@]}" --regularizers none sib sib+fastbn
+  "$PY" benchmarks/bench_step.py --device "$DEVICE" "${R50[@]}" --regularizers none sib sib+fastbn energy:cam
   echo "== 2a. ResNet-50 bf16 + channels_last, regularised step in bf16 (--reg-precision amp)"
   "$PY" benchmarks/bench_step.py --device "$DEVICE" "${R50[@]}" --precision bf16 --channels-last \
     --reg-precision amp --regularizers none sib sib+fastbn

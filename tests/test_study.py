@@ -283,9 +283,14 @@ def finished(tmp_path_factory):
 @pytest.mark.slow
 def test_end_to_end_through_the_cli(finished):
     path, out, stdout = finished
-    for name in ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png"):
+    for name in ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png", "trade_off.png",
+                 "trade_off.csv"):
         assert (out / name).is_file(), name
     assert (out / "dose_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "trade_off.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trade = json.loads((out / "trade_off.json").read_text())
+    assert {(r["setting"], r["split"]) for r in trade} >= {("ce", "test"), ("sib/x100", "test_shifted")}
+    assert all(r["n_seeds"] == 2 for r in trade) and any(r["pareto"] for r in trade)
     for folder in ("ce", "sib__x100"):
         for seed in (0, 1):
             run = out / "runs" / folder / f"seed{seed}"
@@ -375,3 +380,42 @@ def test_jobs_2_runs_in_parallel_and_a_failed_run_does_not_stop_the_others(tmp_p
     assert math.isfinite(rows[("ce2", "test", "-", "accuracy")]["diff"])
     assert not any(key[0] == "broken" for key in rows)
     assert "broken seed 0: no complete evaluation" in stdout
+
+
+# ----------------------------------------------------------------------------------- the trade-off figure
+
+
+def _evaluated(run: Path, acc: float, epgs: list[float], split: str = "test") -> None:
+    (run / "eval").mkdir(parents=True)
+    rows = [{"split": split, "method": "-", "metric": "accuracy", "value": acc}]
+    rows += [{"split": split, "method": f"m{i}", "metric": "energy_pointing_game", "value": v} for i, v in enumerate(epgs)]
+    rows += [{"split": split, "method": "m0", "metric": "auroc", "value": 0.99}]  # other metrics do not enter
+    (run / "eval" / "summary.json").write_text(json.dumps(rows))
+
+
+def test_trade_off_points_are_seed_means_of_method_averages_with_the_pareto_front(tmp_path):
+    from sib.report.trade_off import pareto, trade_off_figure, trade_off_rows
+
+    values = {"ce": [(0.90, [0.2, 0.4]), (0.80, [0.4, 0.6])],      # mean EPG per seed 0.3, 0.5 -> 0.4
+              "good": [(0.95, [0.6, 0.8]), (0.85, [0.8, 1.0])],    # 0.7, 0.9 -> 0.8; acc 0.90: dominates ce
+              "sharp": [(0.50, [0.9, 0.9]), (0.50, [0.9, 0.9])],   # EPG 0.9, accuracy 0.5: on the front
+              "half": [(0.99, [0.1, 0.1])]}                         # one seed (the other not evaluated)
+    runs = {}
+    for label, seeds in values.items():
+        runs[label] = {}
+        for seed in range(2):
+            run = tmp_path / label / f"seed{seed}"
+            run.mkdir(parents=True)
+            if seed < len(seeds):
+                _evaluated(run, seeds[seed][0], seeds[seed][1])
+            runs[label][seed] = run
+    rows = {r["setting"]: r for r in trade_off_rows(runs)}
+    assert rows["ce"]["accuracy"] == pytest.approx(0.85) and rows["ce"]["mean_epg"] == pytest.approx(0.4)
+    # t-interval over the two seeds' method averages (0.3, 0.5): half-width t(0.975, 1) * 0.1414 / sqrt(2)
+    half = 12.706204736 * math.sqrt(0.02) / math.sqrt(2)
+    assert rows["ce"]["mean_epg_ci95_high"] - 0.4 == pytest.approx(half, rel=1e-6)
+    assert rows["half"]["n_seeds"] == 1 and math.isnan(rows["half"]["accuracy_ci95_low"])
+    assert {k for k, r in rows.items() if r["pareto"]} == {"good", "sharp", "half"}
+    assert pareto({"a": (1, 1), "b": (1, 1), "c": (0, 2)}) == {"a", "b", "c"}  # ties dominate nobody
+    assert trade_off_figure(list(rows.values()), "ce", tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert trade_off_figure([], "ce", tmp_path / "none.png") is None

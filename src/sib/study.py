@@ -12,6 +12,8 @@ Output folder DIR:
                              with the evaluation in eval/
     summary.{csv,json,md}    sib.report.study_summary: means and intervals over seeds, paired differences
     dose_response.png        sib.report.study_figures, when a setting sweeps
+    trade_off.{png,csv,json,md}  sib.report.trade_off: accuracy vs EPG averaged over the methods, one point per
+                             setting (mean over seeds, 95% seed interval), Pareto-optimal settings marked
 
 Configuration precedence per run: TrainConfig defaults < base < setting (sweep values included) < {seed, out}.
 A run is trained with `resume=True` (continues an interrupted run; skipped when it finished every epoch) and
@@ -46,7 +48,8 @@ RESERVED_EVAL = ("checkpoint", "out", "resume", "overwrite")
 # fields that do not change what a run computes: a run folder may differ from the study in these
 EXECUTION_FIELDS = ("device", "num_workers", "out", "resume", "overwrite", "log_every", "tensorboard", "checkpoint")
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
-OUTPUTS = ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png")
+OUTPUTS = ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png", "trade_off.csv",
+           "trade_off.json", "trade_off.md", "trade_off.png")
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,8 @@ def aggregate(study: Study, out: Path, failed: list[str] | None = None) -> Study
     from sib.report.study_figures import dose_response
     from sib.report.study_summary import COLUMNS, summarise_runs
     from sib.report.tables import write_table
+    from sib.report.trade_off import COLUMNS as TRADE_COLUMNS
+    from sib.report.trade_off import trade_off_figure, trade_off_rows
 
     runs = {s.label: {seed: study.run_dir(out, s, seed) for seed in study.seeds} for s in study.settings}
     doses = {s.label: s.dose for s in study.settings}
@@ -447,4 +452,10 @@ def aggregate(study: Study, out: Path, failed: list[str] | None = None) -> Study
     if figure is None:
         (out / "dose_response.png").unlink(missing_ok=True)
         notes.append("dose_response.png: skipped (no setting sweeps a numeric field)")
+    # accuracy vs mean EPG per setting, Pareto-optimal settings marked (sib.report.trade_off)
+    trade = trade_off_rows(runs)
+    if trade:
+        write_table(trade, out / "trade_off", TRADE_COLUMNS)
+    if trade_off_figure(trade, study.baseline, out / "trade_off.png") is None:
+        notes.append("trade_off.png: skipped (no run has both an accuracy and an EPG)")
     return StudyResult(out, rows, list(failed or []), notes, figure)
