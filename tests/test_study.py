@@ -388,7 +388,8 @@ def test_jobs_2_runs_in_parallel_and_a_failed_run_does_not_stop_the_others(tmp_p
 def _evaluated(run: Path, acc: float, epgs: list[float], split: str = "test") -> None:
     (run / "eval").mkdir(parents=True)
     rows = [{"split": split, "method": "-", "metric": "accuracy", "value": acc}]
-    rows += [{"split": split, "method": f"m{i}", "metric": "energy_pointing_game", "value": v} for i, v in enumerate(epgs)]
+    rows += [{"split": split, "method": f"m{i}", "metric": "energy_pointing_game", "value": v}
+             for i, v in enumerate(epgs)]
     rows += [{"split": split, "method": "m0", "metric": "auroc", "value": 0.99}]  # other metrics do not enter
     (run / "eval" / "summary.json").write_text(json.dumps(rows))
 
