@@ -40,9 +40,6 @@ from torch import nn
 
 from sib.models import cam_reshape, cam_target_layer
 
-LAYERS_HELP = "input | cam | a module path of the model (layer3, features.2, ...)"
-EXPLANATIONS = ("auto", "gradient", "grad_cam", "vjp")
-
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP / DataParallel wrapper (the model itself otherwise)."""
@@ -185,6 +182,6 @@ def hint_loss(attr: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
 
 
 def rrr_loss(attr: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-    """RRR on a non-negative map (RRR-G on Grad-CAM; sum_c g^2 for gradients): sum over background of attr^2
-    for Grad-CAM, of attr itself for an already-squared gradient map (the caller passes the right one)."""
+    """RRR's penalty on an already-squared map: sum over background pixels of `attr`. The caller squares:
+    Grad-CAM^2 for the typology's RRR-G, sum_k g_k^2 of a layer gradient for RRR at a layer."""
     return ((1 - fg) * attr).flatten(1).sum(dim=1)
