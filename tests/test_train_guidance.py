@@ -53,3 +53,11 @@ def test_new_settings_train_end_to_end(tiny_cfg, options):
 def test_bad_guidance_options_are_refused_naming_the_flag(tiny_cfg, options, message):
     with pytest.raises(ValueError, match=message):
         train(tiny_cfg(model="small_cnn", epochs=1, **options))
+
+
+def test_a_mask_budget_smaller_than_a_batch_trains(tiny_cfg):
+    """5% of 64 images annotated: most batches of 16 hold no annotated image at all (they add 0, no error)."""
+    result = train(tiny_cfg(model="small_cnn", epochs=1, regularizer="energy", reg_layer="cam",
+                            reg_mask_fraction=0.05, reg_calibrate=1.0))
+    row = _log(result.out)[0]
+    assert row["skipped"] == 0 and math.isfinite(row["ce"]) and row["reg_steps"] == row["step"]

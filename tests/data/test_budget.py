@@ -48,11 +48,15 @@ def test_mask_fraction_keeps_a_fixed_seeded_subset():
     a = TrainingAnnotations(ds, mask_fraction=0.1, seed=1)
     b = TrainingAnnotations(ds, mask_fraction=0.1, seed=1)
     c = TrainingAnnotations(ds, mask_fraction=0.1, seed=2)
-    kept = [i for i in range(40) if a[i][2] is not None]
-    assert len(kept) == 4 and kept == [i for i in range(40) if b[i][2] is not None]
-    assert kept != [i for i in range(40) if c[i][2] is not None]
-    x, y, mask = collate([a[i] for i in range(8)])  # unannotated images collate to empty masks
+    kept = [i for i in range(40) if a[i][2].any()]
+    assert len(kept) == 4 and kept == [i for i in range(40) if b[i][2].any()]
+    assert kept != [i for i in range(40) if c[i][2].any()]
+    assert all(torch.equal(a[i][2], ds[i][2]) for i in kept)
+    x, y, mask = collate([a[i] for i in range(8)])  # unannotated images carry empty masks
     assert mask is not None and int(mask.flatten(1).any(1).sum()) == sum(a.annotated[:8])
+    # a batch of unannotated images only still has a mask tensor (the regulariser then adds 0, no error)
+    none = [i for i in range(40) if not a.annotated[i]][:4]
+    assert collate([a[i] for i in none])[2] is not None
     assert TrainingAnnotations(ds, mask_fraction=0.001, seed=0).annotated.sum() == 1  # never none
 
 

@@ -10,8 +10,9 @@
   any dataset with masks: on decoy digits, whose training mask is "everything but the decoy patch", it
   replaces the patch, the confounder there.
 - annotation budget (`mask_fraction=f < 1`): a fixed random subset of round(f N) training images (at least one)
-  keeps its mask; the others yield None (collated as an empty mask), and a regulariser built with
-  `partial=True` leaves images with an empty mask to the cross-entropy alone (sib.regularizers).
+  keeps its mask; the others yield an empty (all-False) mask, so that a batch without any annotated image still
+  carries a mask tensor, and a regulariser built with `partial=True` leaves images with an empty mask to the
+  cross-entropy alone (sib.regularizers).
 - boxes (`annotation="box"`): each mask is replaced by its bounding box (after the training transform, so the
   box is the box of what the model sees).
 
@@ -102,7 +103,7 @@ class TrainingAnnotations(Dataset):
                 raise ValueError(f"--counterexamples: training image {j} of {self.ds!r} has no mask")
             x = replace_background(x, mask.bool(), xj, mj.bool())
         if mask is not None and not self.annotated[i]:
-            mask = None
+            mask = torch.zeros_like(mask)  # empty, not None: a batch of unannotated images still has a mask tensor
         elif mask is not None and self.annotation == "box":
             mask = box_of(mask.bool())
         return x, y, mask
