@@ -386,9 +386,12 @@ def test_study_report_has_the_dose_response_the_settings_and_the_study_statistic
 
     page = Page(write_report([tmp_path / "study"], tmp_path / "report", n_images=2, n_differ=1).read_text())
     check(page)
+    trade = "accuracy against the energy pointing game averaged over the methods"
+    assert [i["alt"] for i in page.images].count(trade) == 1
     # a study still running (no summary.json, no figure yet): the same table from its runs, and the figure drawn
-    for name in ("summary.json", "summary.csv", "summary.md", "dose_response.png"):
+    for name in ("summary.json", "summary.csv", "summary.md", "dose_response.png", "trade_off.png"):
         (tmp_path / "study" / name).unlink()
     text = write_report([tmp_path / "study"], tmp_path / "report", n_images=2, n_differ=1, overwrite=True).read_text()
     check(Page(text))
     assert "summary.json not written yet" in text
+    assert "No trade_off.png yet" in text and trade not in text

@@ -202,6 +202,16 @@ def _study(inp: ReportInput, colour: dict[str, str]) -> str:
                      f"and bands: the baseline <b>{esc(inp.baseline)}</b>.</p>")
     else:
         parts.append(f"<p>No {esc(figure.name)} (no setting sweeps a weight, or the study has not finished).</p>")
+    trade = Path(inp.study_dir) / "trade_off.png"
+    parts.append("<h3>Accuracy vs EPG</h3>")
+    if trade.is_file():
+        parts.append(img(trade.read_bytes(), "accuracy against the energy pointing game averaged over the methods"))
+        parts.append('<p class="legend">One point per setting: accuracy against the energy pointing game averaged '
+                     "over the study's methods, means over seeds with 95% intervals over seeds; stars: Pareto-optimal "
+                     f"settings (no other setting is better on both); dashed lines: the baseline "
+                     f"<b>{esc(inp.baseline)}</b>. Numbers: trade_off.csv in the study folder.</p>")
+    else:
+        parts.append(f"<p>No {esc(trade.name)} yet (<code>sib study --summary-only</code> draws it).</p>")
     finished = {s["label"]: sum(1 for r in inp.runs if r.group == s["label"] and r.evaluated)
                 for s in study["settings"]}
     n_seeds = len(study.get("seeds", []))
