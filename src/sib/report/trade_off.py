@@ -79,36 +79,48 @@ def trade_off_rows(runs: dict[str, dict[int, Path]]) -> list[dict[str, Any]]:
 
 
 def trade_off_figure(rows: list[dict[str, Any]], baseline: str, path: Path) -> Path | None:
-    """Draw the panels (one per split) to `path` (PNG, atomically); None when there is nothing to draw."""
+    """Draw the panels (one per split) to `path` (PNG, atomically); None when there is nothing to draw.
+
+    Every setting has one colour (the legend, right); Pareto-optimal points are stars with their name
+    written beside them. The axes frame the means (bars of few-seed intervals may run past them).
+    """
     splits = list(dict.fromkeys(r["split"] for r in rows))
     if not splits:
         return None
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    colours = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(settings)}
-    fig, axes = plt.subplots(1, len(splits), figsize=(6.2 * len(splits), 5.4), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    colours = {s: cmap(i % 20) for i, s in enumerate(settings)}
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.0 * len(splits) + 2.6, 4.6), squeeze=False)
     for ax, split in zip(axes[0], splits, strict=True):
         mine = [r for r in rows if r["split"] == split]
         for r in mine:
             x, y = r["mean_epg"], r["accuracy"]
-            xerr = [[x - r["mean_epg_ci95_low"]], [r["mean_epg_ci95_high"] - x]] if r["n_seeds"] > 1 else None
-            yerr = [[y - r["accuracy_ci95_low"]], [r["accuracy_ci95_high"] - y]] if r["n_seeds"] > 1 else None
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=colours[r["setting"]], alpha=0.45, lw=1)
-            ax.scatter([x], [y], s=70 if r["pareto"] else 30, color=colours[r["setting"]],
-                       marker="*" if r["pareto"] else "o", edgecolors="black" if r["pareto"] else "none",
-                       linewidths=0.6, zorder=3)
-            text = r["setting"] + ("" if r["n_seeds"] > 1 else " (1 seed)")
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                        fontweight="bold" if r["setting"] == baseline else "normal")
+            if r["n_seeds"] > 1:
+                ax.errorbar(x, y, xerr=[[x - r["mean_epg_ci95_low"]], [r["mean_epg_ci95_high"] - x]],
+                            yerr=[[y - r["accuracy_ci95_low"]], [r["accuracy_ci95_high"] - y]], fmt="none",
+                            ecolor=colours[r["setting"]], alpha=0.35, lw=1)
+            ax.scatter([x], [y], s=130 if r["pareto"] else 36, color=colours[r["setting"]],
+                       marker="*" if r["pareto"] else "o", edgecolors="black", linewidths=0.5, zorder=3)
+            if r["pareto"]:
+                ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
         base = next((r for r in mine if r["setting"] == baseline), None)
         if base is not None:
             ax.axvline(base["mean_epg"], color="grey", lw=0.8, ls="--")
             ax.axhline(base["accuracy"], color="grey", lw=0.8, ls="--")
+        xs, ys = [r["mean_epg"] for r in mine], [r["accuracy"] for r in mine]
+        pad_x, pad_y = max(0.02, 0.12 * (max(xs) - min(xs))), max(0.02, 0.12 * (max(ys) - min(ys)))
+        ax.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+        ax.set_ylim(max(0.0, min(ys) - pad_y), min(1.0, max(ys) + pad_y) + 0.01)
         ax.set_xlabel(f"EPG, mean over {min(r['n_methods'] for r in mine)} methods")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{split}: stars = Pareto-optimal; dashed = {baseline}", fontsize=9)
+        ax.set_title(f"{split} (dashed: {baseline}; stars: Pareto-optimal)", fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle("accuracy vs energy pointing game (means over seeds, bars 95% t-interval over seeds)", fontsize=10)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours[s], markeredgecolor="black", markeredgewidth=0.5,
+                          label=s + ("" if min(r["n_seeds"] for r in rows if r["setting"] == s) > 1 else " (1 seed)"))
+               for s in settings]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle("accuracy vs energy pointing game: means over seeds, bars 95% t-interval over seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.5 / (5.0 * len(splits) + 2.6), 1))
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
