@@ -29,8 +29,8 @@ from sib.evaluate import evaluate, load_run
 from sib.explain import explain
 from sib.report.figures import heatmap_grid
 from sib.report.html import write_report
-from sib.report.tables import to_markdown, write_table
 from sib.run_dir import DEMO, prepare
+from sib.tables import to_markdown, write_table
 from sib.train import make_dataset, resolve_device, train
 
 # run folder -> TrainConfig overrides (seed: added to --seed); ce_reseed measures retraining noise

@@ -46,8 +46,8 @@ from sib.metrics import METRICS
 from sib.metrics.faithfulness import PerturbationCache, target_probability
 from sib.metrics.functional import default_tolerance, finite_rows
 from sib.models import create_model
-from sib.report.tables import write_table
 from sib.run_dir import EVAL, file_sha256, load_checkpoint, prepare, resolve_weights
+from sib.tables import write_table
 from sib.train import make_dataset, make_loader, resolve_device
 
 # excluded: empty foreground mask (the image, not the method); invalid: the method's map was not finite (NaN or
