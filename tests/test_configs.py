@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from sib.config import TrainConfig, build_config
-from sib.train import load_checkpoint, train
+from sib.run_dir import load_checkpoint
+from sib.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("study_"))  # study files: test_study

@@ -19,7 +19,8 @@ from sib.data import collate, create_dataset
 from sib.diagnostics import DIAGNOSTIC_KEYS, calibrate, diagnostics, r_in_gt
 from sib.models import create_model
 from sib.regularizers import create_regularizer
-from sib.train import load_checkpoint, train
+from sib.run_dir import load_checkpoint
+from sib.train import train
 
 
 def _batches(n=2, b=8, size=32, seed=0, split="train"):

@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from sib.cli import main
-from sib.evaluate import load_run
+from sib.runtime import load_run
 from sib.train import train
 
 METHODS = ["grad_cam", "saliency"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from sib.models import SMALL_IMAGE_LIMIT, cam_reshape, cam_target_layer, create_model
+from sib.explain.layers import cam_reshape, cam_target_layer
+from sib.models import SMALL_IMAGE_LIMIT, create_model
 
 
 def test_unknown_model_lists_valid_names():

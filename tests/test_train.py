@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from sib.run_dir import save_checkpoint
-from sib.train import CHECKPOINT, NonFiniteLossError, git_revision, load_checkpoint, train
+from sib.run_dir import load_checkpoint, save_checkpoint
+from sib.train import CHECKPOINT, NonFiniteLossError, git_revision, train
 
 
 def _weights(path):

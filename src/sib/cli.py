@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from sib.evaluate import evaluate
-    from sib.report.tables import to_markdown
+    from sib.tables import to_markdown
 
     cfg = build_config(EvalConfig, args, args.config)
     if not cfg.checkpoint:
@@ -62,8 +62,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from sib.report.study_summary import key_table
-    from sib.report.tables import to_markdown
     from sib.study import run_study
+    from sib.tables import to_markdown
 
     result = run_study(args.config, args.out, jobs=args.jobs, device=args.device, summary_only=args.summary_only,
                        overwrite=args.overwrite)

@@ -25,13 +25,14 @@ import torch
 
 from sib.config import EvalConfig, TrainConfig
 from sib.data.transforms import denormalize
-from sib.evaluate import evaluate, load_run
+from sib.evaluate import evaluate
 from sib.explain import explain
 from sib.report.figures import heatmap_grid
 from sib.report.html import write_report
-from sib.report.tables import to_markdown, write_table
 from sib.run_dir import DEMO, prepare
-from sib.train import make_dataset, resolve_device, train
+from sib.runtime import load_run, make_dataset, resolve_device
+from sib.tables import to_markdown, write_table
+from sib.train import train
 
 # run folder -> TrainConfig overrides (seed: added to --seed); ce_reseed measures retraining noise
 RUNS: dict[str, dict[str, Any]] = {

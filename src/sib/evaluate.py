@@ -45,10 +45,10 @@ from sib.io import atomic_write
 from sib.metrics import METRICS
 from sib.metrics.faithfulness import PerturbationCache, target_probability
 from sib.metrics.functional import default_tolerance, finite_rows
-from sib.models import create_model
-from sib.report.tables import write_table
-from sib.run_dir import EVAL, file_sha256, load_checkpoint, prepare, resolve_weights
-from sib.train import make_dataset, make_loader, resolve_device
+from sib.registry import resolve_names
+from sib.run_dir import EVAL, file_sha256, prepare, resolve_weights
+from sib.runtime import load_run, make_dataset, make_loader, resolve_device
+from sib.tables import write_table
 
 # excluded: empty foreground mask (the image, not the method); invalid: the method's map was not finite (NaN or
 # inf anywhere), counted per method; tolerance_px: the pointing game's radius (blank for other metrics)
@@ -60,29 +60,6 @@ SUMMARY_COLUMNS = ["run", "split", "method", "metric", "value", "ci95_low", "ci9
 class EvalResult:
     out: Path
     summary: list[dict[str, Any]]
-
-
-def load_run(checkpoint: str | Path, device: torch.device, weights: str = "best"
-             ) -> tuple[nn.Module, TrainConfig, dict]:
-    """Model (eval mode, on `device`), training configuration and checkpoint of a run folder or checkpoint file.
-
-    In a run folder `weights` picks the file: "best" (best.pt, the epoch chosen on validation) or "last"
-    (checkpoint.pt); a checkpoint file is used as given.
-    """
-    ckpt = load_checkpoint(resolve_weights(checkpoint, weights))
-    known = TrainConfig.__dataclass_fields__
-    train_cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-    model = create_model(train_cfg.model, ckpt["num_classes"], train_cfg.image_size)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), train_cfg, ckpt
-
-
-def resolve_names(requested: list[str], registry: Any) -> list[str]:
-    """Expand "all" and validate names against a registry (unknown names list the valid ones)."""
-    names = registry.names() if requested == ["all"] else list(requested)
-    for n in names:
-        registry.get(n)
-    return names
 
 
 def _summarise(values: list[float], labels: list[int], reduction: str,

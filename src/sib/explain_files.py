@@ -6,7 +6,7 @@ its sub-folders; a file named explicitly is read whatever its extension). Each f
 RGBA (composited on white) and 16-bit images are converted to RGB as the datasets convert them. It is then
 preprocessed as the run's evaluation transform, `create_transform(train=False, image_size, normalization=...)`
 at the run's image size and normalisation (the shorter side resized to round(S * 256 / 224), then a centre crop
-of S x S), the transform `sib.train.make_dataset` gives every on-disk dataset. Runs on the built-in `synthetic`
+of S x S), the transform `sib.runtime.make_dataset` gives every on-disk dataset. Runs on the built-in `synthetic`
 and `decoy_digits` datasets have no resampling transform (their images are generated at S px): a user's image
 gets the same resize-and-centre-crop at the run's image size, which is what an evaluation transform would do.
 
@@ -119,8 +119,8 @@ def explain_images(cfg: ExplainConfig) -> ExplainResult:
         ValueError / FileNotFoundError / FileExistsError: bad arguments (nothing is explained); an unreadable
             image is not an error here: it is skipped and listed in `ExplainResult.failed`.
     """
-    from sib.evaluate import load_run, resolve_names  # sib.evaluate imports the trainer: only when explaining
-    from sib.train import resolve_device
+    from sib.registry import resolve_names
+    from sib.runtime import load_run, resolve_device  # builds models and data: imported only when explaining
 
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required: a run folder (holding best.pt) or a checkpoint file")

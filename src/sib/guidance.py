@@ -3,7 +3,7 @@
 A regulariser shapes an explanation (`explanation`) taken at a place (`layer`):
 
     layer        "input"              the image (every regulariser's published place)
-                 "cam"                the model family's CAM layer (`sib.models.cam_target_layer`: ResNet's
+                 "cam"                the model family's CAM layer (`sib.explain.layers.cam_target_layer`: ResNet's
                                       layer4, our CNNs' and VGG's / DenseNet's `features`, ViT's last ln_1)
                  a module path        any named module of the model ("layer3", "features.2", ...)
     explanation  "gradient"           the input/layer gradient of the regulariser's own target
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sib.models import cam_reshape, cam_target_layer
+from sib.explain.layers import cam_reshape, cam_target_layer
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Models by name, and the layer each family's CAM methods read.
+"""Models by name (the layer each family's CAM methods read is chosen in `sib.explain.layers`).
 
 `create_model(name, num_classes, image_size)` returns an `nn.Module` mapping normalised images
 (B, 3, H, W) to logits (B, num_classes). Names:
@@ -7,7 +7,7 @@
 - "small_cnn": four conv-BN-ReLU blocks (32-64-128-128); the built-in demo's model (CPU minutes).
 - "mlp":       flatten, then Linear-ReLU layers (hidden sizes 50, 30 by default), a linear head: the model
                family of Ross et al. 2017's Decoy MNIST. No convolutional layer, so CAM methods do not
-               apply to it (`cam_target_layer` says so); gradient methods do.
+               apply to it (`sib.explain.layers.cam_target_layer` says so); gradient methods do.
 - "resnet18", "resnet50", "densenet121", "vgg16_bn", "vit_b_32", "vit_b_16", and any other
   torchvision classification model by its builder name ("efficientnet_b0", ...), trained from scratch
   unless `pretrained` is given.
@@ -248,48 +248,3 @@ def _load_torchvision_weights(model: nn.Module, model_name: str, num_classes: in
         raise ValueError(f"--pretrained {weight_name}: the weights {weights} ({cached}) do not fit this "
                          f"{model_name}: {', '.join(misfit[:5])}{', ...' if len(misfit) > 5 else ''}{hint}")
     model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=not head)
-
-
-def cam_target_layer(model: nn.Module) -> nn.Module:
-    """The layer whose activations CAM methods weight, chosen by model family.
-
-    ResNet: layer4; DenseNet: features (ends with norm5); VGG and our CNNs: features; ViT: the last
-    encoder block's first LayerNorm (tokens; see `cam_reshape`). The MLP has no spatial layer: a ValueError
-    names the methods that do work on it. Other families raise a ValueError asking for an explicit
-    `target_layer`.
-    """
-    m = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-    if isinstance(m, MLP):
-        cams, others = _methods_by_kind()
-        raise ValueError(f"model 'mlp' has no convolutional layer, so the CAM methods ({', '.join(cams)}) do not "
-                         f"apply to it; use a gradient method: {', '.join(others)}")
-    if isinstance(m, torchvision.models.ResNet):
-        return m.layer4
-    if isinstance(m, torchvision.models.VisionTransformer):
-        return m.encoder.layers[-1].ln_1
-    if isinstance(m, (torchvision.models.DenseNet, torchvision.models.VGG, TinyCNN, SmallCNN)):
-        return m.features
-    raise ValueError(f"no default CAM target layer for {type(m).__name__}; pass target_layer= "
-                     f"(the last convolutional block, as an nn.Module of the model)")
-
-
-def _methods_by_kind() -> tuple[list[str], list[str]]:
-    """(CAM methods, the other explainers) among the registered explainers' names."""
-    from sib.explain import EXPLAINERS  # here, not at the top: sib.explain.cam imports this module
-
-    cams = [n for n in EXPLAINERS.names() if EXPLAINERS.get(n).__module__ == "sib.explain.cam"]
-    return cams, [n for n in EXPLAINERS.names() if n not in cams]
-
-
-def cam_reshape(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """For token models, a function mapping activations (B, 1+N, D) to a grid (B, D, h, w); else None."""
-    m = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-    if not isinstance(m, torchvision.models.VisionTransformer):
-        return None
-    side = m.image_size // m.patch_size
-
-    def to_grid(tokens: torch.Tensor) -> torch.Tensor:
-        grid = tokens[:, 1:, :]  # drop the class token: (B, 1+N, D) -> (B, N, D)
-        return grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], side, side)  # -> (B, D, h, w)
-
-    return to_grid

@@ -65,3 +65,14 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def resolve_names(requested: list[str], registry: Registry) -> list[str]:
+    """Expand "all" and validate names against a registry (unknown names list the valid ones).
+
+    For the name lists commands are given (`--methods all`); here, beside the registries, so that `sib explain`
+    and `sib evaluate` share it without one command importing the other."""
+    names = registry.names() if requested == ["all"] else list(requested)
+    for n in names:
+        registry.get(n)
+    return names

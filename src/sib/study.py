@@ -436,9 +436,9 @@ def aggregate(study: Study, out: Path, failed: list[str] | None = None) -> Study
     """DIR/summary.{csv,json,md} and DIR/dose_response.png from the runs on disk."""
     from sib.report.study_figures import dose_response
     from sib.report.study_summary import COLUMNS, summarise_runs
-    from sib.report.tables import write_table
     from sib.report.trade_off import COLUMNS as TRADE_COLUMNS
     from sib.report.trade_off import trade_off_figure, trade_off_rows
+    from sib.tables import write_table
 
     runs = {s.label: {seed: study.run_dir(out, s, seed) for seed in study.seeds} for s in study.settings}
     doses = {s.label: s.dose for s in study.settings}

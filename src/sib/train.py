@@ -11,14 +11,14 @@ continues from the start of the first unfinished epoch; a mid-epoch position is 
 of epoch e depends only on (seed, e), so a resumed run sees the same batches as an uninterrupted one.
 Under torchrun only rank 0 writes files (sib.distributed says what is per process and what is global).
 Folder rules (what `--overwrite` removes, which folders are refused), checkpoint loading (weights only) and
-the `--resume` compatibility check live in sib.run_dir.
+the `--resume` compatibility check live in sib.run_dir; the device, seeding, dataset and loader construction
+and accuracy, which every command shares, in sib.runtime. This module is the loop and what only it uses.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 import time
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -34,14 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sib.config import TrainConfig, save_json, to_dict
-from sib.data import collate, create_dataset
+from sib.data import collate
 from sib.data.budget import TrainingAnnotations
-from sib.data.transforms import create_transform
 from sib.diagnostics import EpochDiagnostics, calibrate_run
 from sib.distributed import (
     DistInfo,
     EpochBatchSampler,
-    all_reduce_,
     barrier,
     broadcast_object,
     cleanup,
@@ -52,7 +49,7 @@ from sib.epoch import EpochLoop, NonFiniteLossError  # noqa: F401 (callers catch
 from sib.io import atomic_write_text
 from sib.models import create_model
 from sib.regularizers import Regularizer, create_regularizer
-from sib.run_dir import (  # noqa: F401 (load_checkpoint: callers import it from sib.train)
+from sib.run_dir import (
     BEST,
     CHECKPOINT,
     TRAIN,
@@ -63,6 +60,7 @@ from sib.run_dir import (  # noqa: F401 (load_checkpoint: callers import it from
     save_checkpoint,
     set_rng_state,
 )
+from sib.runtime import accuracy, make_dataset, make_loader, resolve_device, seed_everything
 from sib.schedule import create_scheduler
 from sib.step import time_steps, use_cheap_double_backward
 
@@ -72,62 +70,6 @@ class TrainResult:
     out: Path
     history: list[dict[str, Any]]
     model: nn.Module
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def make_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
-    """A split of the configured dataset, with the train or eval transform of the configured size."""
-    options = dict(cfg.dataset_options)
-    if cfg.dataset in ("synthetic", "decoy_digits"):  # generated at the requested size; no resampling transform
-        options.setdefault("image_size", cfg.image_size)
-        options.setdefault("normalization", cfg.normalization)
-        return create_dataset(cfg.dataset, cfg.root, split, **options)
-    transform = create_transform(train=train, image_size=cfg.image_size, normalization=cfg.normalization)
-    return create_dataset(cfg.dataset, cfg.root, split, transform=transform, **options)
-
-
-def make_loader(ds: Dataset, batch_size: int, num_workers: int, shuffle_seed: int | None = None,
-                indices: list[int] | None = None) -> DataLoader:
-    """In-order loader for evaluation (of `indices` only, when given: a process's shard); with
-    `shuffle_seed`, a seeded shuffled single-process training loader (the trainer uses EpochBatchSampler)."""
-    if shuffle_seed is not None:
-        sampler = EpochBatchSampler(len(ds), batch_size, shuffle_seed)
-        return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)
-    return DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=collate)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader, device: torch.device, max_batches: int | None = None,
-             info: DistInfo | None = None) -> float:
-    """Top-1 accuracy of `model` (put in eval mode, then restored) over `loader`, summed over processes."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    n = 0
-    for i, (x, y, _) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        correct += (model(x).argmax(dim=1) == y).sum()
-        n += y.numel()
-    model.train(was_training)
-    if info is not None and info.enabled:  # every process evaluated its own shard
-        totals = all_reduce_(torch.stack([correct.double(), torch.tensor(float(n), device=device)]), info)
-        return totals[0].item() / max(totals[1].item(), 1)
-    return correct.item() / max(n, 1)
 
 
 def regularizer_for(cfg: TrainConfig) -> Regularizer:

@@ -15,7 +15,8 @@ from sib.config import TrainConfig
 from sib.data import create_dataset
 from sib.data.decoy import DecoyDigits
 from sib.data.synthetic import _load_digits
-from sib.train import make_dataset, train
+from sib.runtime import make_dataset
+from sib.train import train
 
 SHADES = {255 - 25 * c: c for c in range(10)}  # grey level -> the label it encodes
 

@@ -228,7 +228,7 @@ def test_cams_match_pytorch_grad_cam(arch, size, build):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 
-    from sib.models import cam_reshape, cam_target_layer
+    from sib.explain.layers import cam_reshape, cam_target_layer
 
     class SignedEigenCAM(pgc.EigenCAM):
         """pytorch-grad-cam's Eigen-CAM with its own Seg-Eigen-CAM sign correction (our documented rule)."""

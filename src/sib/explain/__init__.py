@@ -14,8 +14,8 @@ Sign and channel conventions (what one pixel of `attr` means):
 
 - CAM family (`grad_cam`, `grad_cam_pp`, `xgrad_cam`, `layer_cam`, `score_cam`, `eigen_cam`): a weighted
   sum of the target layer's activation maps, ReLU'd as in the original papers (so `attr >= 0`), then
-  bilinearly upsampled (align_corners=False) to (H, W). The layer is `sib.models.cam_target_layer(model)`
-  unless `target_layer=` names one; token layers (ViT) go through `sib.models.cam_reshape`.
+  bilinearly upsampled (align_corners=False) to (H, W). The layer is `sib.explain.layers.cam_target_layer(model)`
+  unless `target_layer=` names one; token layers (ViT) go through `sib.explain.layers.cam_reshape`.
 - `saliency`: max over colour channels of |d logit_target / d x| (Simonyan et al. 2014); `attr >= 0`.
 - `input_x_gradient`, `integrated_gradients`, `smoothgrad`: signed, summed over colour channels, so
   that summing a map over pixels gives the method's total contribution (completeness for IG).

@@ -15,7 +15,7 @@ otherwise rewrite what we read); the gradient of the summed target logits w.r.t.
 activations are differentiable even when every parameter is frozen.
 
 All methods return float (B, 1, H, W) >= 0 on `x.device`; options: `target_layer=` (an `nn.Module` of
-the model; default `sib.models.cam_target_layer(model)`), and for Score-CAM `batch_size=`.
+the model; default `sib.explain.layers.cam_target_layer(model)`), and for Score-CAM `batch_size=`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sib.explain._checks import check_inputs, check_logits
-from sib.models import cam_reshape, cam_target_layer
+from sib.explain.layers import cam_reshape, cam_target_layer
 
 
 def _to_grid(t: torch.Tensor, model: nn.Module) -> torch.Tensor:

@@ -27,10 +27,9 @@ from PIL import Image
 
 from sib.config import TrainConfig
 from sib.data.transforms import denormalize
-from sib.evaluate import load_run
 from sib.explain import explain
 from sib.report.inputs import Run
-from sib.train import make_dataset, resolve_device
+from sib.runtime import load_run, make_dataset, resolve_device
 
 EPG = "energy_pointing_game"
 TILE = 128  # display size (px) a tile is scaled toward

@@ -1,4 +1,8 @@
-"""Tidy tables (list of dicts) written as CSV, JSON and Markdown, atomically."""
+"""Tidy tables (list of dicts) written as CSV, JSON and Markdown, atomically.
+
+Below the commands (not in sib.report) because the evaluator writes its summary with them and the report
+package reads runs the evaluator wrote: both import this module, neither imports the other.
+"""
 
 from __future__ import annotations
 
