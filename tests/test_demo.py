@@ -22,7 +22,7 @@ def test_quick_demo_prints_and_writes_the_comparison_and_runs_again_with_overwri
     out = tmp_path / "demo"
     res = _demo(out)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "| split | method | metric | ce | ce_ci95 | sib_minus_ce | energy_cam_cal_minus_ce | ce_reseed_minus_ce |" \
+    assert "| split | method | metric | ce | ce_ci95 | sib_minus_ce | l1_cam_cal_minus_ce | ce_reseed_minus_ce |" \
         in res.stdout
     # the last line printed is the report's path, and the page is there
     last = res.stdout.strip().splitlines()[-1]
@@ -37,21 +37,21 @@ def test_quick_demo_prints_and_writes_the_comparison_and_runs_again_with_overwri
     # each column comes from its own run's evaluation summary, not from the comparison table itself
     runs = {name: {(r["split"], r["method"], r["metric"]): r["value"]
                    for r in json.loads((out / name / "eval" / "summary.json").read_text())} for name in RUNS}
-    assert len(rows) == len(runs["ce"]) == len(runs["sib"]) == len(runs["energy_cam_cal"]) == len(runs["ce_reseed"])
+    assert len(rows) == len(runs["ce"]) == len(runs["sib"]) == len(runs["l1_cam_cal"]) == len(runs["ce_reseed"])
     for r in rows:
         key = (r["split"], r["method"], r["metric"])
         assert r["ce"] == runs["ce"][key]
-        for name in ("sib", "energy_cam_cal", "ce_reseed"):
+        for name in ("sib", "l1_cam_cal", "ce_reseed"):
             assert r[name] == runs[name][key] and r[f"{name}_minus_ce"] == runs[name][key] - runs["ce"][key]
     for split in ("test", "test_shifted"):
         with Image.open(out / f"heatmaps_{split}.png") as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 300
     configs = {run: json.loads((out / run / "config.json").read_text()) for run in RUNS}
     assert {run: (c["regularizer"], c["seed"], c["reg_calibrate"]) for run, c in configs.items()} == {
-        "ce": ("none", 0, None), "sib": ("sib", 0, None), "energy_cam_cal": ("energy", 0, 1.0),
+        "ce": ("none", 0, None), "sib": ("sib", 0, None), "l1_cam_cal": ("l1", 0, 1.0),
         "ce_reseed": ("none", 1, None)}
-    assert configs["energy_cam_cal"]["reg_layer"] == "cam"
-    assert (out / "energy_cam_cal" / "calibration.json").is_file()
+    assert configs["l1_cam_cal"]["reg_layer"] == "cam"
+    assert (out / "l1_cam_cal" / "calibration.json").is_file()
     assert "Read with the reseeded run." in (out / "report" / "index.html").read_text()
     # a second demo into the same folder is refused without --overwrite
     again = subprocess.run([sys.executable, "-m", "sib", "demo", "--quick", "--out", str(out)], capture_output=True,

@@ -86,7 +86,7 @@ TRAIN = FolderKind("train", CHECKPOINT,
 # the demo's training runs are sub-folders named as in sib.demo.RUNS (ce first: the report's baseline)
 DEMO = FolderKind("demo", "comparison.json", ("comparison.csv", "comparison.json", "comparison.md"),
                   patterns=("heatmaps_*.png",), resumable=False,
-                  children={"ce": TRAIN, "sib": TRAIN, "energy_cam_cal": TRAIN, "ce_reseed": TRAIN})
+                  children={"ce": TRAIN, "sib": TRAIN, "l1_cam_cal": TRAIN, "ce_reseed": TRAIN})
 # sib study: DIR/runs/<setting>/seed<k>/ are training runs (sib.study writes the files listed)
 STUDY = FolderKind("study", "study.json",
                    ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png"),
