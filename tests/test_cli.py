@@ -24,7 +24,8 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--model", "resnet19"], "unknown model 'resnet19'; valid names:"),
-    (["train", "--regularizer", "ib"], "unknown regularizer 'ib'; valid names: energy, hint, l1, none, rrr, rrr_star, sib"),
+    (["train", "--regularizer", "ib"],
+     "unknown regularizer 'ib'; valid names: energy, hint, l1, none, rrr, rrr_star, sib"),
     (["train", "--dataset", "cifar"], "unknown dataset 'cifar'; valid names:"),
     (["train", "--config", "missing.yaml"], "--config missing.yaml: no such file"),
     (["evaluate", "--checkpoint", "nowhere"], "checkpoint nowhere: no such file"),
