@@ -5,8 +5,9 @@ published (the reference's weights); `l1_cam_cal`, the one regulariser of the RE
 met its question on the benchmark (Rao et al.'s L1 loss on the label's Grad-CAM at the CAM layer, its weight
 calibrated to the cross-entropy's gradient: `--regularizer l1 --reg-layer cam --reg-calibrate 1`); and
 `ce_reseed`, cross-entropy again with the next seed. The first three share the seed, data, model, optimiser
-and epoch budget. `ce_reseed - ce` is what retraining alone does, which the per-image intervals of a one-seed comparison do not cover: a difference
-no larger than that is not evidence (the seed studies measure it properly, with 3 and 6 seeds per setting).
+and epoch budget. `ce_reseed - ce` is what retraining alone does, which the per-image intervals of a one-seed
+comparison do not cover: a difference no larger than that is not evidence (the seed studies measure it
+properly, with 3 and 6 seeds per setting).
 Writes to `--out`:
     ce/, sib/, l1_cam_cal/, ce_reseed/ the training runs (config, log, checkpoints) and their eval/ folders
     comparison.{csv,json,md}  one row per (split, method, metric): CE, then each run and its difference to CE
