@@ -4,9 +4,9 @@ The most informative comparison the demo's CPU budget pays for (issues 9 and 18)
 published (the reference's weights); `energy_cam_cal`, the best setting of the README's guidance studies (Rao
 et al.'s Energy loss on the label's Grad-CAM at the CAM layer, its weight calibrated to the cross-entropy's
 gradient: `--regularizer energy --reg-layer cam --reg-calibrate 1`); and `ce_reseed`, cross-entropy again with
-the next seed. The first three share the seed, data, model, optimiser and epoch budget. `ce_reseed - ce` is what retraining
-alone does, which the per-image intervals of a one-seed comparison do not cover: a difference no larger than
-that is not evidence (the seed studies measure it properly, with 3 and 6 seeds per setting).
+the next seed. The first three share the seed, data, model, optimiser and epoch budget. `ce_reseed - ce` is
+what retraining alone does, which the per-image intervals of a one-seed comparison do not cover: a difference
+no larger than that is not evidence (the seed studies measure it properly, with 3 and 6 seeds per setting).
 Writes to `--out`:
     ce/, sib/, energy_cam_cal/, ce_reseed/ the training runs (config, log, checkpoints) and their eval/ folders
     comparison.{csv,json,md}  one row per (split, method, metric): CE, then each run and its difference to CE
