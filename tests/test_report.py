@@ -184,6 +184,16 @@ def test_difference_is_coloured_by_sign_only_where_its_interval_excludes_zero():
                        "touches": ["num"]}
 
 
+def test_invalid_maps_are_said_in_the_comparison_table():
+    rows = [{**_row("all invalid", math.nan, math.nan, math.nan), "value": math.nan, "invalid": 12},
+            {**_row("some invalid", 0.1, 0.0, 0.2), "invalid": 4}, _row("none", 0.1, 0.0, 0.2)]
+    inp = ReportInput("runs", [], [Run("base", Path("base"), "base")], "base")
+    table = Page(sections.comparison_section(inp, rows, {})).tables["comparison-table"]
+    cells = {r[0][1]: (r[6][1], r[10][1]) for r in table}
+    assert cells == {"all invalid": ("invalid", "10 (12 invalid)"), "some invalid": ("0.6000", "10 (4 invalid)"),
+                     "none": ("0.6000", "10")}
+
+
 def test_bad_inputs_are_named(tmp_path, pair):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from sib.cli import main
-from sib.report.study_summary import summarise_runs
+from sib.report.study_summary import COLUMNS, key_table, summarise_runs
+from sib.report.tables import write_table
 from sib.study import load_study, run_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,12 @@ BAD = {
     "unknown regulariser": (_bad(TINY, settings=[{"label": "ce", "regularizer": "nope"}]),
                             r"setting ce: unknown regularizer 'nope'"),
     "unknown top-level key": (_bad(TINY, sweeps=[]), r"unknown key\(s\) \['sweeps'\]"),
+    # `$` of a regex also matches before a final newline: "ce\n" would make the folders ce and "ce\n"
+    "label with a trailing newline": (_bad(TINY, settings=[{"label": "ce\n", "regularizer": "none"}], baseline="ce\n"),
+                                      r"settings\[0\]: label 'ce\\n' must be"),
+    "sweep label with a trailing newline": (_bad(TINY, settings=[TINY["settings"][0], {
+        "label": "rrr", "regularizer": "rrr", "sweep": {"reg_weight": [1.0]}, "sweep_labels": ["a\n"]}]),
+        r"sweep label 'a\\n' must be"),
 }
 
 
@@ -200,7 +207,9 @@ def hand_study(tmp_path):
 
 def test_aggregation_matches_hand_computed_numbers(hand_study):
     rows, notes = summarise_runs(hand_study, "ce", {"ce": None, "sib": 1000.0})
-    assert notes == []
+    # each run's one invalid Grad-CAM map is named, not dropped in silence
+    assert notes == [f"{label} seed {seed}: grad_cam maps invalid (not finite) on 1 of 5 test images; left out"
+                     for seed in range(3) for label in ("ce", "sib")]
     t = {(r["setting"], r["split"], r["method"], r["metric"]): r for r in rows}
     approx = lambda v: pytest.approx(v, abs=2e-4)  # noqa: E731 (4.303 is the table's rounding of t)
 
@@ -238,9 +247,76 @@ def test_aggregation_matches_hand_computed_numbers(hand_study):
 def test_an_incomplete_run_is_left_out_and_named(hand_study):
     (hand_study["sib"][1] / "eval" / "summary.json").unlink()  # an evaluation that did not finish
     rows, notes = summarise_runs(hand_study, "ce")
+    notes = [n for n in notes if "invalid" not in n]
     assert len(notes) == 1 and "sib seed 1" in notes[0]
     sib = next(r for r in rows if r["setting"] == "sib" and r["metric"] == "accuracy")
     assert sib["n_seeds"] == 2 and sib["diff"] == pytest.approx((0.25 + 0.5) / 2)  # seeds 0 and 2
+
+
+def test_a_failed_baseline_seed_shows_the_paired_count(hand_study):
+    (hand_study["ce"][1] / "eval" / "summary.json").unlink()  # the baseline's seed 1 did not finish
+    rows, _ = summarise_runs(hand_study, "ce")
+    sib = next(r for r in rows if r["setting"] == "sib" and r["metric"] == "accuracy")
+    assert (sib["n_seeds"], sib["n_pairs"]) == (3, 2)  # the difference rests on seeds 0 and 2 only
+    assert sib["diff"] == pytest.approx((0.25 + 0.5) / 2)
+    line = next(r for r in key_table(rows, "ce") if r["setting"] == "sib")
+    assert line["seeds"] == "3 (2 paired)"
+    assert next(r for r in key_table(rows, "ce") if r["setting"] == "ce")["seeds"] == "2"
+
+
+def test_one_seed_says_no_interval_and_the_seeds_column_is_the_settings(hand_study):
+    one = {label: {0: by_seed[0]} for label, by_seed in hand_study.items()}
+    rows, _ = summarise_runs(one, "ce")
+    table = {r["setting"]: r for r in key_table(rows, "ce")}
+    assert "nan" not in json.dumps(table)
+    assert table["sib"]["acc test"] == "0.750 (+0.250, 1 seed: no interval)"
+    assert table["ce"]["acc test"] == "0.500 (1 seed: no interval)"
+    # the seeds column counts every column of the line, not whichever came last
+    (hand_study["sib"][2] / "eval" / "per_image.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in _rows("accuracy", "-", ACC["sib"][2], LABELS)))  # seed 2: no EPG
+    rows, _ = summarise_runs(hand_study, "ce")
+    assert next(r for r in key_table(rows, "ce") if r["setting"] == "sib")["seeds"] == "2-3"
+
+
+def _invalid_rows(method: str, n: int) -> list[dict]:
+    """What sib evaluate writes for a method whose maps are all NaN: NaN values flagged "invalid"."""
+    return [{**r, "status": "invalid"} for r in _rows("energy_pointing_game", method, [math.nan] * n, [0] * n)]
+
+
+def test_invalid_maps_are_counted_per_setting_seed_and_method(tmp_path):
+    runs: dict[str, dict[int, Path]] = {"ce": {}, "sib": {}}
+    for label in runs:
+        for seed in range(3):
+            rows = _rows("accuracy", "-", [1, 0, 1, 1], LABELS)
+            if label == "ce":
+                rows += _rows("energy_pointing_game", "saliency", [0.3, 0.4, 0.5, 0.6], LABELS)
+            else:
+                rows += _invalid_rows("saliency", 4)  # every saliency map of the setting is NaN
+            if label == "sib" and seed == 2:
+                rows += _invalid_rows("grad_cam", 4)  # one seed's Grad-CAM maps are all invalid
+            else:
+                rows += _rows("energy_pointing_game", "grad_cam", [0.2 + 0.1 * seed, 0.3, 0.4, 0.5], LABELS)
+            run = tmp_path / label / f"seed{seed}"
+            _fake_run(run, rows)
+            runs[label][seed] = run
+    rows, notes = summarise_runs(runs, "ce")
+    t = {(r["setting"], r["method"]): r for r in rows if r["metric"] == "energy_pointing_game"}
+    saliency = t[("sib", "saliency")]  # a row, although no seed has a valid map
+    assert saliency["n_seeds"] == 0 and math.isnan(saliency["mean"]) and saliency["invalid"] == 12
+    assert saliency["invalid_seeds"] == "seed0 4/4, seed1 4/4, seed2 4/4"
+    grad_cam = t[("sib", "grad_cam")]  # the mean rests on seeds 0 and 1: said, not silent
+    assert (grad_cam["n_seeds"], grad_cam["n_pairs"], grad_cam["invalid"]) == (2, 2, 4)
+    assert grad_cam["invalid_seeds"] == "seed2 4/4"
+    assert t[("ce", "grad_cam")]["invalid"] == 0 and t[("ce", "grad_cam")]["invalid_seeds"] == ""
+    assert "sib seed 2: grad_cam maps invalid (not finite) on 4 of 4 test images; left out" in notes
+    assert sum("saliency maps invalid" in n for n in notes) == 3
+    line = next(r for r in key_table(rows, "ce") if r["setting"] == "sib")
+    assert line["EPG saliency (test)"] == "invalid (12 maps)"
+    assert line["EPG grad_cam (test)"].endswith(", 4 invalid")
+    write_table(rows, tmp_path / "summary", COLUMNS)  # what sib study writes: the counts are columns
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"n_seeds", "n_pairs", "invalid", "invalid_seeds"} <= set(header)
+    assert "invalid_seeds" in (tmp_path / "summary.md").read_text()
 
 
 def test_the_paired_bootstrap_is_deterministic_paired_and_of_the_right_width(tmp_path):

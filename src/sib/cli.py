@@ -67,7 +67,7 @@ def _study(args: argparse.Namespace) -> int:
 
     result = run_study(args.config, args.out, jobs=args.jobs, device=args.device, summary_only=args.summary_only,
                        overwrite=args.overwrite)
-    key = key_table(result.rows)
+    key = key_table(result.rows, result.baseline)
     print(to_markdown(key, list(dict.fromkeys(c for row in key for c in row))) if key else "(no finished run)")
     for note in result.notes:
         print(note)

@@ -47,7 +47,8 @@ RESERVED_TRAIN = ("seed", "out", "resume", "overwrite")  # set by the study for 
 RESERVED_EVAL = ("checkpoint", "out", "resume", "overwrite")
 # fields that do not change what a run computes: a run folder may differ from the study in these
 EXECUTION_FIELDS = ("device", "num_workers", "out", "resume", "overwrite", "log_every", "tensorboard", "checkpoint")
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+# matched with fullmatch: `$` would also accept a final newline ("ce\n", a second folder beside "ce")
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 OUTPUTS = ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png", "trade_off.csv",
            "trade_off.json", "trade_off.md", "trade_off.png")
 
@@ -152,7 +153,7 @@ def _expand(fail: Any, i: int, raw: Any) -> list[Setting]:
         fail(f"settings[{i}]: expected a mapping with a 'label', got {type(raw).__name__}")
     raw = dict(raw)
     label, sweep, sweep_labels = raw.pop("label", None), raw.pop("sweep", None), raw.pop("sweep_labels", None)
-    if not isinstance(label, str) or not LABEL.match(label):
+    if not isinstance(label, str) or not LABEL.fullmatch(label):
         fail(f"settings[{i}]: label {label!r} must be a non-empty name of letters, digits and _ . + = -")
     where = f"settings[{i}] ({label})"
     overrides = _check_partial(fail, where, raw, TrainConfig, RESERVED_TRAIN)
@@ -182,7 +183,7 @@ def _expand(fail: Any, i: int, raw: Any) -> list[Setting]:
         fail(f"{where}: sweep_labels must be a list of {n} names, one per sweep position")
     out = []
     for k, sub in enumerate(sweep_labels):
-        if not isinstance(sub, str) or not LABEL.match(sub):
+        if not isinstance(sub, str) or not LABEL.fullmatch(sub):
             fail(f"{where}: sweep label {sub!r} must be a non-empty name of letters, digits and _ . + = -")
         dose = sweep[first][k]
         numeric = isinstance(dose, int | float) and not isinstance(dose, bool)
@@ -360,6 +361,7 @@ class StudyResult:
     failed: list[str]
     notes: list[str]
     figure: Path | None
+    baseline: str | None = None
 
 
 def run_study(config: str | Path, out: str | Path, jobs: int = 1, device: str | None = None,
@@ -458,4 +460,4 @@ def aggregate(study: Study, out: Path, failed: list[str] | None = None) -> Study
         write_table(trade, out / "trade_off", TRADE_COLUMNS)
     if trade_off_figure(trade, study.baseline, out / "trade_off.png") is None:
         notes.append("trade_off.png: skipped (no run has both an accuracy and an EPG)")
-    return StudyResult(out, rows, list(failed or []), notes, figure)
+    return StudyResult(out, rows, list(failed or []), notes, figure, study.baseline)
