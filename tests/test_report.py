@@ -215,6 +215,26 @@ def test_bad_inputs_are_named(tmp_path, pair):
     assert str(tmp_path / "photos") in res.stderr and not (tmp_path / "out").exists()
 
 
+def test_labels_are_literal_text_and_a_failed_report_leaves_no_folder(tmp_path, pair, make_tiny_config):
+    odd = tmp_path / "cost_$5_vs_$10"  # matplotlib would read $5_vs_$ as TeX and fail on it
+    shutil.copytree(pair / "sib", odd)
+    res = subprocess.run([sys.executable, "-m", "sib", "report", str(pair / "ce"), str(odd), "--out",
+                          str(tmp_path / "r"), "--images", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cost_$5_vs_$10" in (tmp_path / "r" / "index.html").read_text()
+    # a report that fails after its folder was made (here: the gallery cannot load a damaged checkpoint)
+    broken = tmp_path / "broken"
+    shutil.copytree(pair / "sib", broken)
+    (broken / "best.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        existed = out.exists()
+        res = subprocess.run([sys.executable, "-m", "sib", "report", str(pair / "ce"), str(broken), "--out", str(out),
+                              "--images", "1"], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2 and "best.pt" in res.stderr, res.stderr[-2000:]
+        assert out.exists() == existed and (not existed or not any(out.iterdir())), out  # left as it was
+
+
 def test_output_folder_rules(tmp_path, pair):
     out = tmp_path / "r"
     write_report([pair / "ce"], out, n_images=1, n_differ=0)
