@@ -107,6 +107,19 @@ def test_existing_output_is_refused(run, tmp_path):
         evaluate(_cfg(run, tmp_path))
 
 
+def test_a_symlinked_output_folder_is_refused(run, tmp_path):
+    own = tmp_path / "run"
+    shutil.copytree(run, own, ignore=shutil.ignore_patterns("eval"))
+    elsewhere = tmp_path / "elsewhere"
+    evaluate(_cfg(own, tmp_path, out=str(elsewhere), max_images=16))
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    (own / "eval").symlink_to(elsewhere, target_is_directory=True)  # the run's eval/ points out of the run
+    for flags in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(FileExistsError, match=r"eval is a symbolic link \(to .*elsewhere\)"):
+            evaluate(_cfg(own, tmp_path, out=None, max_images=8, **flags))
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+
+
 def test_unknown_method_and_metric_list_valid_names(run, tmp_path):
     with pytest.raises(ValueError, match="valid names:.*grad_cam"):
         evaluate(_cfg(run, tmp_path, methods=["gradcam"]))

@@ -23,6 +23,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import pickle
 import random
 import re
@@ -179,14 +180,17 @@ def prepare(out: Path, kind: FolderKind, *, overwrite: bool, resume: bool) -> No
 
     Raises:
         NotADirectoryError: `out` is a file.
-        FileExistsError: `out` is not empty and not a folder of this kind, or holds a run of this kind and
-            neither `resume` nor `overwrite` was asked for.
+        FileExistsError: `out` is a symbolic link; or it is not empty and not a folder of this kind, or holds a
+            run of this kind and neither `resume` nor `overwrite` was asked for.
         ValueError: both `resume` and `overwrite`.
     """
     out = Path(out)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pass one (resume continues the run in "
                          f"{out}, overwrite replaces it)")
+    if out.is_symlink():  # as sub-folders: a link is never followed to write or delete (it may leave the run)
+        raise FileExistsError(f"--out {out} is a symbolic link (to {os.readlink(out)}); sib writes only into a real "
+                              f"folder: pass the link's target as --out, or remove the link")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: exists and is not a folder")
     if out.is_dir():
