@@ -277,3 +277,15 @@ def test_inputs_inside_the_folder_being_replaced_are_refused(run, images, tmp_pa
     err = capsys.readouterr().err
     assert f"{out / 'overlays'}" in err and "inside --out" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in (out / "overlays").iterdir()) == before  # its own inputs not deleted
+
+
+def test_overwrite_of_a_folder_without_manifest_is_refused_naming_the_files(run, images, tmp_path, capsys):
+    mine = tmp_path / "holiday"
+    (mine / "overlays").mkdir(parents=True)
+    (mine / "overlays" / "holiday.png").write_bytes(images["photo.png"].read_bytes())
+    (mine / "predictions.json").write_text('{"mine": true}')
+    assert _explain(run, [images["grey.png"]], mine, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "--overwrite would have deleted: overlays, predictions.json" in err
+    assert (mine / "overlays" / "holiday.png").read_bytes() == images["photo.png"].read_bytes()
+    assert (mine / "predictions.json").read_text() == '{"mine": true}'

@@ -5,11 +5,15 @@ Every folder sib writes into holds a manifest, `.sib_manifest.json`: the folder'
 
 - An empty (or missing) folder is created and used. A folder holding a run of the same kind is refused
   unless the user passes `--resume` (continue it) or `--overwrite` (replace it). Any other non-empty folder
-  (no manifest, or another kind) is refused: sib never writes into, nor deletes from, a folder it did not make.
+  (no manifest, or another kind) is refused, flags or not: sib never writes into, nor deletes from, a folder
+  it did not make. Names alone do not make a folder sib's: a user's `config.json` and `summary.json`, or
+  `overlays/` and `predictions.json`, without a manifest are the user's (the refusal names what `--overwrite`
+  would have deleted). A symbolic link as the folder is refused too (never followed, as sub-folders are not).
 - `--overwrite` removes only the artefacts of the kind (the names below, and sub-folders of their own kind
   such as a run's `eval/`), never other files: a `notes.txt` put in a run folder survives.
 - Folders written before manifests existed are recognised by their kind's marker file (`checkpoint.pt`,
-  `per_image.jsonl`, `comparison.json`).
+  `per_image.jsonl`, `comparison.json`): they may be resumed, not overwritten (a marker is a guess: a user's
+  own checkpoint.pt), and the refusal names the files.
 
 Checkpoints are written atomically (sib.io) and read with `torch.load(weights_only=True)` only: a checkpoint
 holds tensors and plain Python data (RNG states included), so a crafted file cannot run code when loaded,
@@ -169,6 +173,12 @@ def _remove_temporaries(folder: Path, kind: FolderKind) -> None:
             _remove_temporaries(p, kind.child(p.name))
 
 
+def _would_delete(folder: Path, kind: FolderKind, overwrite: bool) -> str:
+    """For a refused --overwrite: "; --overwrite would have deleted: a, b" (the kind's names found), else ""."""
+    names = sorted(p.name for p in _owned(folder, kind))
+    return f"; --overwrite would have deleted: {', '.join(names)}" if overwrite and names else ""
+
+
 def write_manifest(folder: Path, kind: FolderKind) -> None:
     manifest = {"kind": kind.name, "written_by": "sib", "files": sorted(kind.files), "patterns": list(kind.patterns),
                 "folders": {name: child.name for name, child in kind.children.items()}}
@@ -196,11 +206,11 @@ def prepare(out: Path, kind: FolderKind, *, overwrite: bool, resume: bool) -> No
     if out.is_dir():
         found = folder_kind(out)
         entries = [p for p in out.iterdir() if p.name != MANIFEST]
-        ours = set(_owned(out, kind))
-        if found is None and any(p not in ours for p in entries):
+        if found is None and entries:  # names alone (a user's config.json) never make a folder sib's
             shown = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
             raise FileExistsError(f"--out {out}: the folder is not empty ({shown}) and is not a sib {kind.name} "
-                                  f"folder; sib writes only into an empty folder or its own: choose another --out")
+                                  f"folder (no {MANIFEST}); sib writes only into an empty folder or its own"
+                                  f"{_would_delete(out, kind, overwrite)}: choose another --out")
         if found is not None and found != kind.name:
             raise FileExistsError(f"--out {out} holds a sib {found} folder, not a {kind.name} one; "
                                   f"choose another --out")
@@ -210,6 +220,11 @@ def prepare(out: Path, kind: FolderKind, *, overwrite: bool, resume: bool) -> No
             again = "pass --resume to continue it or --overwrite" if kind.resumable else "pass --overwrite"
             raise FileExistsError(f"--out {out} already holds a sib {kind.name} run ({present[0].name}, ...); "
                                   f"{again} to replace its files (other files in the folder are kept)")
+        if overwrite and read_manifest(out) is None:  # recognised by its marker only: a guess, never deleted
+            raise FileExistsError(f"--out {out}: a sib {kind.name} folder from before manifests (it holds "
+                                  f"{kind.marker}) has no {MANIFEST}, and sib deletes only what a manifest says it "
+                                  f"wrote{_would_delete(out, kind, overwrite)}; delete those files yourself if they "
+                                  f"are sib's" + (", or pass --resume to continue the run" if kind.resumable else ""))
         if overwrite:
             _clear(out, kind)
         _remove_temporaries(out, kind)
