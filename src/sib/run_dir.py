@@ -152,7 +152,7 @@ def _clear(folder: Path, kind: FolderKind) -> None:
             if child is None:
                 p.unlink()  # an artefact's name: the link goes, its target stays
         elif child is not None and p.is_dir():
-            found = folder_kind(p) if child.marker is not None else child.name
+            found = folder_kind(p)  # its own manifest first: a nested run in tensorboard/ is not tensorboard's
             if found in (child.name, None):  # another kind's folder under this name is left alone
                 _clear(p, child)
                 if all(q.name == MANIFEST for q in p.iterdir()):  # else its manifest keeps it recognisably ours
