@@ -123,6 +123,15 @@ def test_a_folder_without_manifest_holding_only_sib_names_is_refused(tmp_path, k
     assert MANIFEST not in _tree(folder)
 
 
+@pytest.mark.parametrize("kind", [TRAIN, EVAL, EXPLAIN])
+def test_an_empty_folder_is_used_with_or_without_overwrite(tmp_path, kind):
+    for overwrite in (False, True):
+        folder = tmp_path / f"empty{overwrite}"
+        folder.mkdir()
+        prepare(folder, kind, overwrite=overwrite, resume=False)
+        assert _tree(folder) == [MANIFEST]
+
+
 def test_overwrite_through_the_cli_never_touches_a_folder_without_manifest(tmp_path, capsys):
     folder = tmp_path / "mine"
     _touch(folder / "config.json", "my config")

@@ -220,7 +220,7 @@ def prepare(out: Path, kind: FolderKind, *, overwrite: bool, resume: bool) -> No
             again = "pass --resume to continue it or --overwrite" if kind.resumable else "pass --overwrite"
             raise FileExistsError(f"--out {out} already holds a sib {kind.name} run ({present[0].name}, ...); "
                                   f"{again} to replace its files (other files in the folder are kept)")
-        if overwrite and read_manifest(out) is None:  # recognised by its marker only: a guess, never deleted
+        if overwrite and present and read_manifest(out) is None:  # recognised by its marker only: a guess
             raise FileExistsError(f"--out {out}: a sib {kind.name} folder from before manifests (it holds "
                                   f"{kind.marker}) has no {MANIFEST}, and sib deletes only what a manifest says it "
                                   f"wrote{_would_delete(out, kind, overwrite)}; delete those files yourself if they "
