@@ -319,6 +319,15 @@ def test_invalid_maps_are_counted_per_setting_seed_and_method(tmp_path):
     assert "invalid_seeds" in (tmp_path / "summary.md").read_text()
 
 
+def test_duplicate_rows_are_refused_naming_the_file(hand_study):
+    per_image = hand_study["sib"][1] / "eval" / "per_image.jsonl"
+    rows = per_image.read_text().splitlines(keepends=True)
+    per_image.write_text("".join(rows + rows[:6]))  # a second evaluation appended into the same file
+    with pytest.raises(ValueError, match=rf"{per_image}: image index 0 appears more than once for split test, "
+                                         r"method -, metric accuracy \(4 repeated rows\).*remove the folder"):
+        summarise_runs(hand_study, "ce")
+
+
 def test_the_paired_bootstrap_is_deterministic_paired_and_of_the_right_width(tmp_path):
     rng = np.random.default_rng(0)
     n, runs = 400, {"ce": {}, "reg": {}}
@@ -456,6 +465,42 @@ def test_jobs_2_runs_in_parallel_and_a_failed_run_does_not_stop_the_others(tmp_p
     assert math.isfinite(rows[("ce2", "test", "-", "accuracy")]["diff"])
     assert not any(key[0] == "broken" for key in rows)
     assert "broken seed 0: no complete evaluation" in stdout
+
+
+@pytest.mark.slow
+def test_two_studies_on_one_folder_never_work_on_the_same_run(tmp_path):
+    """The first study is paused (SIGSTOP) mid-training; a second runs to its end on the same folder; the first
+    resumes. The second skips the claimed run saying by whom; the run is trained and evaluated once."""
+    study = {**TINY, "seeds": [0], "settings": [{"label": "ce", "regularizer": "none"}],
+             "base": {**TINY["base"], "epochs": 20}}
+    path = _write_study(tmp_path / "study.yaml", study)
+    out, run = tmp_path / "out", tmp_path / "out" / "runs" / "ce" / "seed0"
+    first = _cli("--config", str(path), "--out", str(out), cwd=tmp_path, log=tmp_path / "first.log")
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None and _finished(run) < 20, "the first study ended before it could be paused"
+        second = _cli("--config", str(path), "--out", str(out), cwd=tmp_path)
+        stdout, err = second.communicate(timeout=600)
+        assert second.returncode == 0, err[-3000:]
+        assert f"ce seed 0: skipped, {run} is claimed by sib train on host" in stdout and f"pid {first.pid}" in stdout
+        assert "ce seed 0: no complete evaluation" in stdout
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    log = [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 21))  # one trainer: every epoch once, in order
+    rows = [json.loads(line) for line in (run / "eval" / "per_image.jsonl").read_text().splitlines()]
+    keys = [(r["split"], r["method"], r["metric"], r["index"]) for r in rows if r["metric"] != "_batch_done"]
+    assert len(keys) == len(set(keys)) == 16 * 2 * 3  # 16 images x 2 splits x (accuracy + 2 methods' EPG)
+    assert not any("ce seed 0" in note for note in run_study(path, out, summary_only=True).notes)
+
+
+def _finished(run: Path) -> int:
+    log = run / "log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 # ----------------------------------------------------------------------------------- the trade-off figure

@@ -15,6 +15,10 @@ Output folder DIR:
     trade_off.{png,csv,json,md}  sib.report.trade_off: accuracy vs EPG averaged over the methods, one point per
                              setting (mean over seeds, 95% seed interval), Pareto-optimal settings marked
 
+Two studies may run on one folder at once (say, one job per node): each run is claimed before it is trained
+and its evaluation before it is evaluated (sib.claim), and a claimed one is skipped with a line naming the
+process that holds it; the summary then names that run as not evaluated (rerun --summary-only later).
+
 Configuration precedence per run: TrainConfig defaults < base < setting (sweep values included) < {seed, out}.
 A run is trained with `resume=True` (continues an interrupted run; skipped when it finished every epoch) and
 evaluated with `resume=True` (skipped when eval/summary.json is newer than the checkpoint; restarted from
@@ -40,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from sib.claim import ClaimedError
 from sib.config import EvalConfig, TrainConfig, save_json, to_dict
 
 TOP_KEYS = ("base", "seeds", "baseline", "evaluate", "settings")
@@ -289,10 +294,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume, or keep) and evaluate one run; `job` holds plain dicts so a worker can unpickle it.
 
     A run folder or evaluation made with other values (a changed study file) is refused, or with
-    `job["overwrite"]` redone from scratch.
+    `job["overwrite"]` redone from scratch. A run (or its evaluation) another process has claimed (sib.claim:
+    another study on the same folder) is skipped: the result says by whom, under "skipped".
     """
     from sib.evaluate import evaluate
-    from sib.train import train
 
     cfg, ev = TrainConfig(**job["train"]), EvalConfig(**job["eval"])
     run, out = Path(cfg.out), Path(cfg.out) / "eval"
@@ -301,23 +306,34 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                           ("evaluated", _changes(out / "eval_config.json", ev))):
         if changes and not job["overwrite"]:
             raise ValueError(f"{run} was {what} with other values of {changes}; pass --overwrite to redo it")
+    try:
+        trained = _train_run(cfg, run)
+        checkpoint = _mtime(run / "checkpoint.pt")
+        # an evaluation begun before the current checkpoint was written belongs to other weights: start it afresh
+        stale = _mtime(out / "eval_config.json") < checkpoint or bool(_changes(out / "eval_config.json", ev))
+        if not stale and _mtime(out / "summary.json") > checkpoint:
+            evaluated = "kept"
+        else:
+            evaluate(dataclasses.replace(ev, overwrite=stale, resume=not stale))
+            evaluated = "evaluated"
+    except ClaimedError as err:  # another process (another study on this folder) is on it: skip, say so
+        return {"skipped": f"{err.folder} is claimed by {err.holder.describe() if err.holder else 'another process'}",
+                "seconds": time.perf_counter() - t0}
+    return {"train": trained, "eval": evaluated, "seconds": time.perf_counter() - t0}
+
+
+def _train_run(cfg: TrainConfig, run: Path) -> str:
+    """Retrain (the configuration changed under --overwrite), keep (finished), or train / resume the run."""
+    from sib.train import train
+
     if _changes(run / "config.json", cfg):
         train(dataclasses.replace(cfg, overwrite=True, resume=False))
-        trained = "retrained"
-    elif (run / "summary.json").exists() and _finished_epochs(run) >= cfg.epochs:
-        trained = "kept"
-    else:
-        trained = "resumed" if (run / "checkpoint.pt").exists() else "trained"
-        train(dataclasses.replace(cfg, resume=True))
-    checkpoint = _mtime(run / "checkpoint.pt")
-    # an evaluation begun before the current checkpoint was written belongs to other weights: start it afresh
-    stale = _mtime(out / "eval_config.json") < checkpoint or bool(_changes(out / "eval_config.json", ev))
-    if not stale and _mtime(out / "summary.json") > checkpoint:
-        evaluated = "kept"
-    else:
-        evaluate(dataclasses.replace(ev, overwrite=stale, resume=not stale))
-        evaluated = "evaluated"
-    return {"train": trained, "eval": evaluated, "seconds": time.perf_counter() - t0}
+        return "retrained"
+    if (run / "summary.json").exists() and _finished_epochs(run) >= cfg.epochs:
+        return "kept"
+    trained = "resumed" if (run / "checkpoint.pt").exists() else "trained"
+    train(dataclasses.replace(cfg, resume=True))
+    return trained
 
 
 def _guarded(job: dict[str, Any]) -> dict[str, Any]:
@@ -409,6 +425,8 @@ def _execute(jobs_list: list[tuple[str, dict[str, Any]]], jobs: int) -> list[str
         if res.get("error"):
             failed.append(f"{name}: {res['error']}")
             print(f"[{i}/{len(jobs_list)}] FAILED {name}: {res['error']}", file=sys.stderr, flush=True)
+        elif res.get("skipped"):
+            print(f"[{i}/{len(jobs_list)}] {name}: skipped, {res['skipped']}", flush=True)
         else:
             print(f"[{i}/{len(jobs_list)}] {name}: training {res['train']}, evaluation {res['eval']} "
                   f"({res['seconds']:.0f} s)", flush=True)

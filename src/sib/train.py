@@ -248,15 +248,25 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) -> TrainResult:
+    """Claim the run folder (rank 0; sib.claim: one process trains a run at a time), train, release."""
     error: Exception | None = None
+    held = None
     if info.is_main:
         try:
-            prepare(out, TRAIN, overwrite=cfg.overwrite, resume=cfg.resume)
+            held = prepare(out, TRAIN, overwrite=cfg.overwrite, resume=cfg.resume, claim_for="train")
         except (FileExistsError, NotADirectoryError, ValueError) as err:
             error = err
     error = broadcast_object(error, info)  # every process stops with rank 0's refusal, none waits forever
     if error is not None:
         raise error
+    try:
+        return _train_claimed(cfg, out, device, info)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train_claimed(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) -> TrainResult:
     # checked before any data or model is built: a refused resume costs nothing and changes no file
     ckpt = _load_for_resume(out, cfg) if cfg.resume and (out / CHECKPOINT).exists() else None
     seed_everything(cfg.seed)

@@ -92,6 +92,7 @@ def read_run(run: Path) -> RunValues:
         order = np.argsort(idx, kind="stable")
         arrays[key] = (np.asarray(idx, np.int64)[order], np.asarray(val, np.float64)[order],
                        np.asarray(lab, np.int64)[order])
+        _refuse_duplicates(run / "eval" / "per_image.jsonl", key, arrays[key][0])
     scalars: dict[str, float] = {}
     log = run / "log.jsonl"
     lines = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
@@ -103,6 +104,18 @@ def read_run(run: Path) -> RunValues:
         if _finite(summary.get("sec_per_step")):
             scalars["sec_per_step"] = float(summary["sec_per_step"])
     return RunValues(arrays, scalars, {k: (bad, n) for k, (bad, n) in counts.items() if bad})
+
+
+def _refuse_duplicates(path: Path, key: Key, index: np.ndarray) -> None:
+    """Every image once per (split, method, metric): two processes appending one evaluation write each row twice,
+    and a pairing on such rows is meaningless (it raised an IndexError deep in NumPy)."""
+    repeated = index[1:][index[1:] == index[:-1]]  # `index` is sorted
+    if repeated.size:
+        split, method, metric = key
+        raise ValueError(f"{path}: image index {int(repeated[0])} appears more than once for split {split}, method "
+                         f"{method}, metric {metric} ({repeated.size} repeated rows): two evaluations wrote into this "
+                         f"file at once; remove the folder {path.parent} and rerun the study, which evaluates that "
+                         f"run again")
 
 
 def _reduction(metric: str) -> str:
