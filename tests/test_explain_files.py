@@ -289,3 +289,15 @@ def test_overwrite_of_a_folder_without_manifest_is_refused_naming_the_files(run,
     assert "--overwrite would have deleted: overlays, predictions.json" in err
     assert (mine / "overlays" / "holiday.png").read_bytes() == images["photo.png"].read_bytes()
     assert (mine / "predictions.json").read_text() == '{"mine": true}'
+
+
+def test_an_extreme_aspect_ratio_is_skipped_by_name_the_others_explained(run, images, tmp_path, capsys):
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    Image.new("RGB", (200000, 1), (200, 10, 10)).save(folder / "line.png")  # 2 GB once resized, before
+    (folder / "photo.png").write_bytes(images["photo.png"].read_bytes())
+    assert _explain(run, [folder], tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"{folder / 'line.png'}: image of 200000x1 px (W x H)" in err
+    doc = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [Path(r["file"]).name for r in doc["images"]] == ["photo.png"]

@@ -40,7 +40,7 @@ import torch
 
 from sib.config import ExplainConfig
 from sib.data.common import IMAGE_EXTENSIONS, ImageReadError, open_image
-from sib.data.transforms import create_transform, denormalize
+from sib.data.transforms import ImageSizeError, create_transform, denormalize
 from sib.explain import EXPLAINERS, explain
 from sib.io import atomic_write_text
 from sib.report.figures import overlay
@@ -183,7 +183,7 @@ def explain_images(cfg: ExplainConfig) -> ExplainResult:
         for path in files[start:start + cfg.batch_size]:
             try:
                 x = _preprocess(path, transform)
-            except ImageReadError as err:
+            except (ImageReadError, ImageSizeError) as err:
                 result.failed.append((text(str(path)), text(str(err))))
                 done[path] = {"file": text(str(path)), "status": "failed", "error": text(str(err))}
                 continue
@@ -216,11 +216,15 @@ def _preprocess(path: Path, transform: Any) -> torch.Tensor:
 
     Raises:
         ImageReadError: unreadable, or not a regular file (named).
+        ImageSizeError: too thin or too large once resized (sib.data.transforms.SizeLimit; named).
     """
     special = not_regular(path)
     if special is not None:
         raise ImageReadError(f"{path}: not a regular file ({special}); skipped")
-    x, _ = transform(open_image(path))
+    try:
+        x, _ = transform(open_image(path))
+    except ImageSizeError as err:
+        raise ImageSizeError(f"{path}: {err}") from err
     return x
 
 
