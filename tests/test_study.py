@@ -3,6 +3,7 @@ through the CLI in subprocesses (end to end, resume after a SIGKILL, --jobs 2 wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,9 +19,11 @@ import pytest
 import yaml
 
 from sib.cli import main
+from sib.config import TrainConfig
 from sib.report.study_summary import COLUMNS, key_table, summarise_runs
 from sib.report.tables import write_table
 from sib.study import load_study, run_study
+from sib.train import load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 T2 = 4.303  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -496,6 +499,66 @@ def test_two_studies_on_one_folder_never_work_on_the_same_run(tmp_path):
     keys = [(r["split"], r["method"], r["metric"], r["index"]) for r in rows if r["metric"] != "_batch_done"]
     assert len(keys) == len(set(keys)) == 16 * 2 * 3  # 16 images x 2 splits x (accuracy + 2 methods' EPG)
     assert not any("ce seed 0" in note for note in run_study(path, out, summary_only=True).notes)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs, sig", [(2, signal.SIGTERM), (2, signal.SIGINT), (1, signal.SIGTERM)])
+def test_a_stopped_study_stops_every_worker_and_names_the_cut_runs(tmp_path, jobs, sig):
+    study = {**TINY, "seeds": [0], "base": {**TINY["base"], "epochs": 400}}  # long runs: cut mid-training
+    path = _write_study(tmp_path / "study.yaml", study)
+    out = tmp_path / "out"
+    runs = [out / "runs" / "ce" / "seed0", out / "runs" / "sib__x100" / "seed0"][:jobs]  # those started at once
+    proc = _cli("--config", str(path), "--out", str(out), "--jobs", str(jobs), cwd=tmp_path,
+                log=tmp_path / "study.log")
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not all((r / "checkpoint.pt").exists() for r in runs) and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "study.log").read_text()[-3000:]
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) >= (2 if jobs == 2 else 0)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=240) == 128 + sig
+        log = (tmp_path / "study.log").read_text()
+        cut = "ce seed 0, sib/x100 seed 0" if jobs == 2 else "ce seed 0"
+        assert f"sib study: stopped by {sig.name}; runs cut: {cut} (each keeps its last completed checkpoint" in log
+        assert jobs == 2 or "; not started: sib/x100 seed 0" in log
+        deadline = time.monotonic() + 30
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)], "workers left running after the study was stopped"
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    for run in runs:  # each run continues from the checkpoint it kept
+        saved = load_checkpoint(run)
+        assert 1 <= saved["epoch"] < 400 and not list(run.glob(".*.tmp"))
+        resumed = train(dataclasses.replace(TrainConfig(**json.loads((run / "config.json").read_text())),
+                                            resume=True, epochs=saved["epoch"] + 1))
+        assert [r["epoch"] for r in resumed.history] == list(range(1, saved["epoch"] + 2))
 
 
 def _finished(run: Path) -> int:

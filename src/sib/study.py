@@ -27,10 +27,8 @@ scratch when the evaluation began before the current checkpoint was written).
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import json
-import multiprocessing
 import os
 import re
 import sys
@@ -46,6 +44,7 @@ import yaml
 
 from sib.claim import ClaimedError
 from sib.config import EvalConfig, TrainConfig, save_json, to_dict
+from sib.study_pool import run_in_process, run_in_workers
 
 TOP_KEYS = ("base", "seeds", "baseline", "evaluate", "settings")
 RESERVED_TRAIN = ("seed", "out", "resume", "overwrite")  # set by the study for each run
@@ -344,12 +343,6 @@ def _guarded(job: dict[str, Any]) -> dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}"}
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def _prepare_out(study: Study, out: Path, overwrite: bool) -> None:
     """Refuse a DIR holding something else (another study unless `overwrite`, or foreign files); write study.json."""
     if out.exists() and not out.is_dir():
@@ -387,7 +380,8 @@ def run_study(config: str | Path, out: str | Path, jobs: int = 1, device: str | 
     Args:
         config: the study file.
         out: the study folder DIR.
-        jobs: runs at once (separate processes, 'spawn'; each gets cpu_count // jobs torch threads).
+        jobs: runs at once (separate processes, 'spawn'; each gets cpu_count // jobs torch threads; SIGTERM or
+            SIGINT stops them all and raises sib.study_pool.StudyInterrupted naming the runs cut).
         device: overrides the device of every run and evaluation.
         summary_only: only re-aggregate the runs that exist (DIR must hold this study).
         overwrite: accept a changed study file for DIR; runs whose configuration changed are retrained,
@@ -418,10 +412,13 @@ def run_study(config: str | Path, out: str | Path, jobs: int = 1, device: str | 
 
 
 def _execute(jobs_list: list[tuple[str, dict[str, Any]]], jobs: int) -> list[str]:
-    """Run the jobs (in this process, or `jobs` spawned workers); print one line per run; return failures."""
+    """Run the jobs (in this process, or `jobs` spawned workers: sib.study_pool); print one line per run; return
+    failures. SIGTERM or SIGINT stops every worker and raises StudyInterrupted naming the runs cut."""
     failed: list[str] = []
+    done = iter(range(1, len(jobs_list) + 1))
 
-    def report(i: int, name: str, res: dict[str, Any]) -> None:
+    def report(name: str, res: dict[str, Any]) -> None:
+        i = next(done)
         if res.get("error"):
             failed.append(f"{name}: {res['error']}")
             print(f"[{i}/{len(jobs_list)}] FAILED {name}: {res['error']}", file=sys.stderr, flush=True)
@@ -432,23 +429,9 @@ def _execute(jobs_list: list[tuple[str, dict[str, Any]]], jobs: int) -> list[str
                   f"({res['seconds']:.0f} s)", flush=True)
 
     if jobs == 1:
-        for i, (name, job) in enumerate(jobs_list, 1):
-            report(i, name, _guarded(job))
-        return failed
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                initargs=(threads,)) as pool:
-        futures = {pool.submit(_guarded, job): name for name, job in jobs_list}
-        try:
-            for i, fut in enumerate(cf.as_completed(futures), 1):
-                try:
-                    res = fut.result()
-                except Exception as err:  # the worker process died (killed, out of memory)
-                    res = {"error": f"{type(err).__name__}: {err}"}
-                report(i, futures[fut], res)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        run_in_process(jobs_list, _guarded, report)
+    else:
+        run_in_workers(jobs_list, jobs, _guarded, report, threads=max(1, (os.cpu_count() or 1) // jobs))
     return failed
 
 
