@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -36,8 +37,8 @@ from typing import IO, Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
+from sib import progress
 from sib.config import EvalConfig, TrainConfig, save_json, to_dict
 from sib.eval_summary import SummaryStream
 from sib.explain import EXPLAINERS, explain_many
@@ -268,8 +269,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             if cfg.max_images is not None:
                 ds = Subset(ds, range(min(cfg.max_images, len(ds))))
             loader = make_loader(ds, cfg.batch_size, cfg.num_workers)
-            start = 0
-            for b, (x, y, mask) in enumerate(tqdm(loader, desc=f"evaluate {run_name} {split}", leave=False)):
+            start, t0 = 0, time.perf_counter()
+            for b, (x, y, mask) in enumerate(progress.bar(loader, f"evaluate {run_name} {split}", leave=False)):
                 n = y.numel()
                 if (split, b) in done:
                     start += n
@@ -284,6 +285,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                 for r in batch_rows:
                     stream.add(r)
                 start += n
+            kept = sum(1 for done_split, _ in done if done_split == split)
+            progress.stage_done(f"evaluate {run_name} {split}: {start} images in {time.perf_counter() - t0:.1f} s"
+                                + (f" ({kept} batches kept from before)" if kept else ""))
 
         summary = stream.summary(run_name)
         write_table(summary, out / "summary", SUMMARY_COLUMNS)
