@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from sib.data import collate, create_dataset
 from sib.diagnostics import DIAGNOSTIC_KEYS, calibrate, diagnostics, r_in_gt
@@ -204,6 +205,61 @@ def test_resume_refuses_a_changed_or_dropped_calibration(tiny_cfg):
     for other in (None, 0.7):
         with pytest.raises(ValueError, match="reg.calibrate"):
             train(tiny_cfg(regularizer="sib", reg_calibrate=other, resume=True, epochs=2))
+
+
+def _killed_before_the_first_checkpoint(run):
+    """What a run killed after calibrating and before its first epoch ended leaves: no checkpoint, no log."""
+    for name in ("checkpoint.pt", "best.pt", "log.jsonl", "summary.json"):
+        (run / name).unlink()
+
+
+def test_a_changed_configuration_is_recalibrated_when_nothing_was_trained(tiny_cfg, tmp_path, capsys):
+    opts = dict(regularizer="sib", reg_calibrate=0.5, profile_steps=0, tensorboard=False, eval_splits=[])
+    train(tiny_cfg(out=str(tmp_path / "cut"), **opts))
+    _killed_before_the_first_checkpoint(tmp_path / "cut")
+    old = json.loads((tmp_path / "cut" / "calibration.json").read_text())
+    other = dict(model="small_cnn", seed=3, batch_size=8, **opts)
+    capsys.readouterr()
+    train(tiny_cfg(out=str(tmp_path / "cut"), resume=True, **other))
+    said = capsys.readouterr().out
+    assert "recalibrating" in said and "model='tiny_cnn' -> model='small_cnn'" in said and "seed=0 -> seed=3" in said
+    fresh = train(tiny_cfg(out=str(tmp_path / "fresh"), **other))
+    now = json.loads((tmp_path / "cut" / "calibration.json").read_text())
+    assert now["factor"] == json.loads((fresh.out / "calibration.json").read_text())["factor"] != old["factor"]
+    assert now["config"]["model"] == "small_cnn" and now["config"]["seed"] == 3
+
+
+def test_a_calibration_of_another_configuration_is_refused_on_a_resume(tiny_cfg, tmp_path):
+    opts = dict(regularizer="sib", reg_calibrate=0.5, profile_steps=0, tensorboard=False, eval_splits=[])
+    train(tiny_cfg(**opts))
+    path = tmp_path / "run" / "calibration.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "config": {**saved["config"], "batch_size": 4}}))  # measured elsewhere
+    with pytest.raises(ValueError, match=r"calibration.json was measured under other options \(batch_size=4 -> "
+                                         r"batch_size=16\).*trained"):
+        train(tiny_cfg(resume=True, epochs=2, **opts))
+
+
+def _object_everywhere(root, n=8, size=32):
+    """An image folder of two classes whose masks cover every pixel: RRR has nothing to penalise."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for k in range(n):
+            for folder, pixels in ((root / "train" / c, rng.integers(0, 255, (size, size, 3), np.uint8)),
+                                   (root / "masks" / "train" / c, np.full((size, size), 255, np.uint8))):
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(folder / f"{k}.png")
+    return root
+
+
+def test_a_failed_calibration_leaves_no_run_behind(tiny_cfg, tmp_path):
+    root = _object_everywhere(tmp_path / "data")
+    cfg = tiny_cfg(dataset="image_folder", root=str(root), dataset_options={}, eval_splits=[], batch_size=4,
+                   regularizer="rrr", reg_calibrate=1.0, profile_steps=0, tensorboard=False)
+    for _ in range(2):  # the same command again gets the same error, not "already holds a sib train run"
+        with pytest.raises(ValueError, match="'rrr' cannot be calibrated.*zero"):
+            train(cfg)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".sib_manifest.json"]
 
 
 def test_bad_reg_calibrate_is_refused_before_anything_runs(tiny_cfg, tmp_path):

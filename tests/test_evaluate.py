@@ -6,9 +6,12 @@ import hashlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 
+from sib.claim import CLAIM, ClaimedError
 from sib.config import EvalConfig
 from sib.evaluate import _summarise, evaluate
 from sib.train import train
@@ -105,6 +108,36 @@ def test_existing_output_is_refused(run, tmp_path):
     evaluate(_cfg(run, tmp_path))
     with pytest.raises(FileExistsError, match="--overwrite"):
         evaluate(_cfg(run, tmp_path))
+
+
+def test_a_symlinked_output_folder_is_refused(run, tmp_path):
+    own = tmp_path / "run"
+    shutil.copytree(run, own, ignore=shutil.ignore_patterns("eval"))
+    elsewhere = tmp_path / "elsewhere"
+    evaluate(_cfg(own, tmp_path, out=str(elsewhere), max_images=16))
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    (own / "eval").symlink_to(elsewhere, target_is_directory=True)  # the run's eval/ points out of the run
+    for flags in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(FileExistsError, match=r"eval is a symbolic link \(to .*elsewhere\)"):
+            evaluate(_cfg(own, tmp_path, out=None, max_images=8, **flags))
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+
+
+def test_an_evaluation_claimed_by_another_process_is_refused_untouched(run, tmp_path):
+    hold = ("import sys, time\nfrom sib.claim import claim\nheld = claim(sys.argv[1], 'evaluate')\n"
+            "print('held', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "ev")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        for flags in ({}, {"overwrite": True}):
+            with pytest.raises(ClaimedError, match=rf"ev is being worked on by sib evaluate on host .*pid {proc.pid}"):
+                evaluate(_cfg(run, tmp_path, **flags))
+        assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == [CLAIM]
+    finally:
+        proc.kill()
+        proc.wait()
+    evaluate(_cfg(run, tmp_path, max_images=16))  # its holder gone, the claim is taken over
+    assert not (tmp_path / "ev" / CLAIM).exists() and (tmp_path / "ev" / "summary.json").exists()
 
 
 def test_unknown_method_and_metric_list_valid_names(run, tmp_path):

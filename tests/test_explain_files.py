@@ -235,3 +235,69 @@ def test_cli_subprocess_exit_code_and_stderr(run, images, tmp_path):
     assert "broken.jpg" in proc.stderr and "explained 1 image(s)" in proc.stdout
     doc = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert Path(doc["weights"]["file"]).name == "checkpoint.pt"
+
+
+def test_a_file_name_that_is_not_utf8_is_explained_and_written(run, images, tmp_path, capsys):
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    odd = folder / os.fsdecode(b"caf\xe9.png")  # a Latin-1 name on a UTF-8 system: no valid text
+    odd.write_bytes(images["photo.png"].read_bytes())
+    out = tmp_path / "out"
+    assert _explain(run, [odd], out) == 0, capsys.readouterr().err
+    shown = str(folder / "caf\\xe9.png")  # the undecodable byte as an escape, in every output
+    rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
+    assert [r["file"] for r in rows] == [shown] and rows[0]["status"] == "ok"
+    record = json.loads((out / "predictions.json").read_text(encoding="utf-8"))["images"][0]
+    assert record["file"] == shown
+    assert all((out / rel).is_file() and rel.encode("utf-8") for rel in record["overlays"].values())
+
+
+def test_a_fifo_or_other_non_regular_file_is_skipped_by_name(run, images, tmp_path):
+    folder = tmp_path / "special"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.png")  # opening it would wait for a writer for ever
+    os.mkfifo(tmp_path / "named.png")
+    (folder / "photo.png").write_bytes(images["photo.png"].read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "sib", "explain", "--checkpoint", str(run), str(folder),
+                           str(tmp_path / "named.png"), "--methods", "saliency", "--out", str(tmp_path / "out"),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr
+    for fifo in (folder / "pipe.png", tmp_path / "named.png"):
+        assert f"{fifo}: not a regular file" in proc.stderr
+    doc = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [Path(r["file"]).name for r in doc["images"]] == ["photo.png"]
+    assert sorted(Path(f["file"]).name for f in doc["failed"]) == ["named.png", "pipe.png"]
+
+
+def test_inputs_inside_the_folder_being_replaced_are_refused(run, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _explain(run, [images["grey.png"]], out) == 0
+    before = sorted(p.name for p in (out / "overlays").iterdir())
+    assert _explain(run, [out / "overlays"], out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'overlays'}" in err and "inside --out" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == before  # its own inputs not deleted
+
+
+def test_overwrite_of_a_folder_without_manifest_is_refused_naming_the_files(run, images, tmp_path, capsys):
+    mine = tmp_path / "holiday"
+    (mine / "overlays").mkdir(parents=True)
+    (mine / "overlays" / "holiday.png").write_bytes(images["photo.png"].read_bytes())
+    (mine / "predictions.json").write_text('{"mine": true}')
+    assert _explain(run, [images["grey.png"]], mine, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "--overwrite would have deleted: overlays, predictions.json" in err
+    assert (mine / "overlays" / "holiday.png").read_bytes() == images["photo.png"].read_bytes()
+    assert (mine / "predictions.json").read_text() == '{"mine": true}'
+
+
+def test_an_extreme_aspect_ratio_is_skipped_by_name_the_others_explained(run, images, tmp_path, capsys):
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    Image.new("RGB", (200000, 1), (200, 10, 10)).save(folder / "line.png")  # 2 GB once resized, before
+    (folder / "photo.png").write_bytes(images["photo.png"].read_bytes())
+    assert _explain(run, [folder], tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"{folder / 'line.png'}: image of 200000x1 px (W x H)" in err
+    doc = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [Path(r["file"]).name for r in doc["images"]] == ["photo.png"]

@@ -184,6 +184,16 @@ def test_difference_is_coloured_by_sign_only_where_its_interval_excludes_zero():
                        "touches": ["num"]}
 
 
+def test_invalid_maps_are_said_in_the_comparison_table():
+    rows = [{**_row("all invalid", math.nan, math.nan, math.nan), "value": math.nan, "invalid": 12},
+            {**_row("some invalid", 0.1, 0.0, 0.2), "invalid": 4}, _row("none", 0.1, 0.0, 0.2)]
+    inp = ReportInput("runs", [], [Run("base", Path("base"), "base")], "base")
+    table = Page(sections.comparison_section(inp, rows, {})).tables["comparison-table"]
+    cells = {r[0][1]: (r[6][1], r[10][1]) for r in table}
+    assert cells == {"all invalid": ("invalid", "10 (12 invalid)"), "some invalid": ("0.6000", "10 (4 invalid)"),
+                     "none": ("0.6000", "10")}
+
+
 def test_bad_inputs_are_named(tmp_path, pair):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
@@ -203,6 +213,26 @@ def test_bad_inputs_are_named(tmp_path, pair):
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("sib report: error: report input ")
     assert str(tmp_path / "photos") in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_labels_are_literal_text_and_a_failed_report_leaves_no_folder(tmp_path, pair, make_tiny_config):
+    odd = tmp_path / "cost_$5_vs_$10"  # matplotlib would read $5_vs_$ as TeX and fail on it
+    shutil.copytree(pair / "sib", odd)
+    res = subprocess.run([sys.executable, "-m", "sib", "report", str(pair / "ce"), str(odd), "--out",
+                          str(tmp_path / "r"), "--images", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cost_$5_vs_$10" in (tmp_path / "r" / "index.html").read_text()
+    # a report that fails after its folder was made (here: the gallery cannot load a damaged checkpoint)
+    broken = tmp_path / "broken"
+    shutil.copytree(pair / "sib", broken)
+    (broken / "best.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        existed = out.exists()
+        res = subprocess.run([sys.executable, "-m", "sib", "report", str(pair / "ce"), str(broken), "--out", str(out),
+                              "--images", "1"], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 2 and "best.pt" in res.stderr, res.stderr[-2000:]
+        assert out.exists() == existed and (not existed or not any(out.iterdir())), out  # left as it was
 
 
 def test_output_folder_rules(tmp_path, pair):

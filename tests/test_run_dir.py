@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from sib.cli import main
 from sib.config import TrainConfig, to_dict
 from sib.run_dir import (
     DEMO,
     EVAL,
+    EXPLAIN,
     MANIFEST,
     RESUME_MAY_CHANGE,
     STUDY,
@@ -85,15 +87,59 @@ def test_overwrite_of_a_sub_folder_of_another_kind_leaves_it(tmp_path):
     assert (run / "eval" / "comparison.json").exists() and not (run / "checkpoint.pt").exists()
 
 
-def test_folder_from_before_manifests_is_recognised_by_its_marker(tmp_path):
+def test_folder_from_before_manifests_is_recognised_by_its_marker_and_only_resumed(tmp_path):
     run = tmp_path / "legacy"
     for name in ("checkpoint.pt", "config.json", "thesis.tex"):
         _touch(run / name)
     assert folder_kind(run) == "train"
     with pytest.raises(FileExistsError, match="already holds a sib train run"):
         prepare(run, TRAIN, overwrite=False, resume=False)
-    prepare(run, TRAIN, overwrite=True, resume=False)
-    assert _tree(run) == [MANIFEST, "thesis.tex"]
+    # a marker is a guess (a user's own checkpoint.pt); deleting needs the manifest's word
+    with pytest.raises(FileExistsError, match=rf"no {MANIFEST}.*would have deleted: checkpoint.pt, config.json;"):
+        prepare(run, TRAIN, overwrite=True, resume=False)
+    assert _tree(run) == ["checkpoint.pt", "config.json", "thesis.tex"]
+    prepare(run, TRAIN, overwrite=False, resume=True)  # continuing it deletes nothing
+    assert _tree(run) == [MANIFEST, "checkpoint.pt", "config.json", "thesis.tex"]
+
+
+NAMES_ONLY = [(TRAIN, ["config.json", "summary.json"]), (EXPLAIN, ["overlays/holiday.png", "predictions.json"]),
+              (EVAL, ["summary.csv"])]
+
+
+@pytest.mark.parametrize("kind, names, flags", [(k, n, f) for k, n in NAMES_ONLY
+                                                for f in ({}, {"overwrite": True}, {"resume": True})
+                                                if k.resumable or not f.get("resume")])
+def test_a_folder_without_manifest_holding_only_sib_names_is_refused(tmp_path, kind, names, flags):
+    """A user's config.json and summary.json look like sib's by name; without a manifest they are the user's."""
+    folder = tmp_path / "mine"
+    for name in names:
+        _touch(folder / name, f"my {name}")
+    with pytest.raises(FileExistsError, match=rf"not a sib {kind.name} folder \(no {MANIFEST}\)") as err:
+        prepare(folder, kind, overwrite=flags.get("overwrite", False), resume=flags.get("resume", False))
+    top = sorted({name.split("/")[0] for name in names})
+    if flags.get("overwrite"):
+        assert f"--overwrite would have deleted: {', '.join(top)}" in str(err.value)
+    assert all((folder / name).read_text() == f"my {name}" for name in names)
+    assert MANIFEST not in _tree(folder)
+
+
+@pytest.mark.parametrize("kind", [TRAIN, EVAL, EXPLAIN])
+def test_an_empty_folder_is_used_with_or_without_overwrite(tmp_path, kind):
+    for overwrite in (False, True):
+        folder = tmp_path / f"empty{overwrite}"
+        folder.mkdir()
+        prepare(folder, kind, overwrite=overwrite, resume=False)
+        assert _tree(folder) == [MANIFEST]
+
+
+def test_overwrite_through_the_cli_never_touches_a_folder_without_manifest(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    _touch(folder / "config.json", "my config")
+    _touch(folder / "summary.json", "my summary")
+    assert main(["train", "--out", str(folder), "--overwrite", "--model", "tiny_cnn"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite would have deleted: config.json, summary.json" in err and len(err.splitlines()) == 1
+    assert (folder / "config.json").read_text() == "my config" and _tree(folder) == ["config.json", "summary.json"]
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

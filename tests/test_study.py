@@ -3,6 +3,7 @@ through the CLI in subprocesses (end to end, resume after a SIGKILL, --jobs 2 wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,8 +19,12 @@ import pytest
 import yaml
 
 from sib.cli import main
-from sib.report.study_summary import summarise_runs
+from sib.config import TrainConfig
+from sib.report.study_summary import COLUMNS, key_table, summarise_runs
+from sib.run_dir import load_checkpoint
 from sib.study import load_study, run_study
+from sib.tables import write_table
+from sib.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 T2 = 4.303  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -105,6 +110,12 @@ BAD = {
     "unknown regulariser": (_bad(TINY, settings=[{"label": "ce", "regularizer": "nope"}]),
                             r"setting ce: unknown regularizer 'nope'"),
     "unknown top-level key": (_bad(TINY, sweeps=[]), r"unknown key\(s\) \['sweeps'\]"),
+    # `$` of a regex also matches before a final newline: "ce\n" would make the folders ce and "ce\n"
+    "label with a trailing newline": (_bad(TINY, settings=[{"label": "ce\n", "regularizer": "none"}], baseline="ce\n"),
+                                      r"settings\[0\]: label 'ce\\n' must be"),
+    "sweep label with a trailing newline": (_bad(TINY, settings=[TINY["settings"][0], {
+        "label": "rrr", "regularizer": "rrr", "sweep": {"reg_weight": [1.0]}, "sweep_labels": ["a\n"]}]),
+        r"sweep label 'a\\n' must be"),
 }
 
 
@@ -200,7 +211,9 @@ def hand_study(tmp_path):
 
 def test_aggregation_matches_hand_computed_numbers(hand_study):
     rows, notes = summarise_runs(hand_study, "ce", {"ce": None, "sib": 1000.0})
-    assert notes == []
+    # each run's one invalid Grad-CAM map is named, not dropped in silence
+    assert notes == [f"{label} seed {seed}: grad_cam maps invalid (not finite) on 1 of 5 test images; left out"
+                     for seed in range(3) for label in ("ce", "sib")]
     t = {(r["setting"], r["split"], r["method"], r["metric"]): r for r in rows}
     approx = lambda v: pytest.approx(v, abs=2e-4)  # noqa: E731 (4.303 is the table's rounding of t)
 
@@ -238,9 +251,85 @@ def test_aggregation_matches_hand_computed_numbers(hand_study):
 def test_an_incomplete_run_is_left_out_and_named(hand_study):
     (hand_study["sib"][1] / "eval" / "summary.json").unlink()  # an evaluation that did not finish
     rows, notes = summarise_runs(hand_study, "ce")
+    notes = [n for n in notes if "invalid" not in n]
     assert len(notes) == 1 and "sib seed 1" in notes[0]
     sib = next(r for r in rows if r["setting"] == "sib" and r["metric"] == "accuracy")
     assert sib["n_seeds"] == 2 and sib["diff"] == pytest.approx((0.25 + 0.5) / 2)  # seeds 0 and 2
+
+
+def test_a_failed_baseline_seed_shows_the_paired_count(hand_study):
+    (hand_study["ce"][1] / "eval" / "summary.json").unlink()  # the baseline's seed 1 did not finish
+    rows, _ = summarise_runs(hand_study, "ce")
+    sib = next(r for r in rows if r["setting"] == "sib" and r["metric"] == "accuracy")
+    assert (sib["n_seeds"], sib["n_pairs"]) == (3, 2)  # the difference rests on seeds 0 and 2 only
+    assert sib["diff"] == pytest.approx((0.25 + 0.5) / 2)
+    line = next(r for r in key_table(rows, "ce") if r["setting"] == "sib")
+    assert line["seeds"] == "3 (2 paired)"
+    assert next(r for r in key_table(rows, "ce") if r["setting"] == "ce")["seeds"] == "2"
+
+
+def test_one_seed_says_no_interval_and_the_seeds_column_is_the_settings(hand_study):
+    one = {label: {0: by_seed[0]} for label, by_seed in hand_study.items()}
+    rows, _ = summarise_runs(one, "ce")
+    table = {r["setting"]: r for r in key_table(rows, "ce")}
+    assert "nan" not in json.dumps(table)
+    assert table["sib"]["acc test"] == "0.750 (+0.250, 1 seed: no interval)"
+    assert table["ce"]["acc test"] == "0.500 (1 seed: no interval)"
+    # the seeds column counts every column of the line, not whichever came last
+    (hand_study["sib"][2] / "eval" / "per_image.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in _rows("accuracy", "-", ACC["sib"][2], LABELS)))  # seed 2: no EPG
+    rows, _ = summarise_runs(hand_study, "ce")
+    assert next(r for r in key_table(rows, "ce") if r["setting"] == "sib")["seeds"] == "2-3"
+
+
+def _invalid_rows(method: str, n: int) -> list[dict]:
+    """What sib evaluate writes for a method whose maps are all NaN: NaN values flagged "invalid"."""
+    return [{**r, "status": "invalid"} for r in _rows("energy_pointing_game", method, [math.nan] * n, [0] * n)]
+
+
+def test_invalid_maps_are_counted_per_setting_seed_and_method(tmp_path):
+    runs: dict[str, dict[int, Path]] = {"ce": {}, "sib": {}}
+    for label in runs:
+        for seed in range(3):
+            rows = _rows("accuracy", "-", [1, 0, 1, 1], LABELS)
+            if label == "ce":
+                rows += _rows("energy_pointing_game", "saliency", [0.3, 0.4, 0.5, 0.6], LABELS)
+            else:
+                rows += _invalid_rows("saliency", 4)  # every saliency map of the setting is NaN
+            if label == "sib" and seed == 2:
+                rows += _invalid_rows("grad_cam", 4)  # one seed's Grad-CAM maps are all invalid
+            else:
+                rows += _rows("energy_pointing_game", "grad_cam", [0.2 + 0.1 * seed, 0.3, 0.4, 0.5], LABELS)
+            run = tmp_path / label / f"seed{seed}"
+            _fake_run(run, rows)
+            runs[label][seed] = run
+    rows, notes = summarise_runs(runs, "ce")
+    t = {(r["setting"], r["method"]): r for r in rows if r["metric"] == "energy_pointing_game"}
+    saliency = t[("sib", "saliency")]  # a row, although no seed has a valid map
+    assert saliency["n_seeds"] == 0 and math.isnan(saliency["mean"]) and saliency["invalid"] == 12
+    assert saliency["invalid_seeds"] == "seed0 4/4, seed1 4/4, seed2 4/4"
+    grad_cam = t[("sib", "grad_cam")]  # the mean rests on seeds 0 and 1: said, not silent
+    assert (grad_cam["n_seeds"], grad_cam["n_pairs"], grad_cam["invalid"]) == (2, 2, 4)
+    assert grad_cam["invalid_seeds"] == "seed2 4/4"
+    assert t[("ce", "grad_cam")]["invalid"] == 0 and t[("ce", "grad_cam")]["invalid_seeds"] == ""
+    assert "sib seed 2: grad_cam maps invalid (not finite) on 4 of 4 test images; left out" in notes
+    assert sum("saliency maps invalid" in n for n in notes) == 3
+    line = next(r for r in key_table(rows, "ce") if r["setting"] == "sib")
+    assert line["EPG saliency (test)"] == "invalid (12 maps)"
+    assert line["EPG grad_cam (test)"].endswith(", 4 invalid")
+    write_table(rows, tmp_path / "summary", COLUMNS)  # what sib study writes: the counts are columns
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"n_seeds", "n_pairs", "invalid", "invalid_seeds"} <= set(header)
+    assert "invalid_seeds" in (tmp_path / "summary.md").read_text()
+
+
+def test_duplicate_rows_are_refused_naming_the_file(hand_study):
+    per_image = hand_study["sib"][1] / "eval" / "per_image.jsonl"
+    rows = per_image.read_text().splitlines(keepends=True)
+    per_image.write_text("".join(rows + rows[:6]))  # a second evaluation appended into the same file
+    with pytest.raises(ValueError, match=rf"{per_image}: image index 0 appears more than once for split test, "
+                                         r"method -, metric accuracy \(4 repeated rows\).*remove the folder"):
+        summarise_runs(hand_study, "ce")
 
 
 def test_the_paired_bootstrap_is_deterministic_paired_and_of_the_right_width(tmp_path):
@@ -380,6 +469,102 @@ def test_jobs_2_runs_in_parallel_and_a_failed_run_does_not_stop_the_others(tmp_p
     assert math.isfinite(rows[("ce2", "test", "-", "accuracy")]["diff"])
     assert not any(key[0] == "broken" for key in rows)
     assert "broken seed 0: no complete evaluation" in stdout
+
+
+@pytest.mark.slow
+def test_two_studies_on_one_folder_never_work_on_the_same_run(tmp_path):
+    """The first study is paused (SIGSTOP) mid-training; a second runs to its end on the same folder; the first
+    resumes. The second skips the claimed run saying by whom; the run is trained and evaluated once."""
+    study = {**TINY, "seeds": [0], "settings": [{"label": "ce", "regularizer": "none"}],
+             "base": {**TINY["base"], "epochs": 20}}
+    path = _write_study(tmp_path / "study.yaml", study)
+    out, run = tmp_path / "out", tmp_path / "out" / "runs" / "ce" / "seed0"
+    first = _cli("--config", str(path), "--out", str(out), cwd=tmp_path, log=tmp_path / "first.log")
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None and _finished(run) < 20, "the first study ended before it could be paused"
+        second = _cli("--config", str(path), "--out", str(out), cwd=tmp_path)
+        stdout, err = second.communicate(timeout=600)
+        assert second.returncode == 0, err[-3000:]
+        assert f"ce seed 0: skipped, {run} is claimed by sib train on host" in stdout and f"pid {first.pid}" in stdout
+        assert "ce seed 0: no complete evaluation" in stdout
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    log = [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 21))  # one trainer: every epoch once, in order
+    rows = [json.loads(line) for line in (run / "eval" / "per_image.jsonl").read_text().splitlines()]
+    keys = [(r["split"], r["method"], r["metric"], r["index"]) for r in rows if r["metric"] != "_batch_done"]
+    assert len(keys) == len(set(keys)) == 16 * 2 * 3  # 16 images x 2 splits x (accuracy + 2 methods' EPG)
+    assert not any("ce seed 0" in note for note in run_study(path, out, summary_only=True).notes)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs, sig", [(2, signal.SIGTERM), (2, signal.SIGINT), (1, signal.SIGTERM)])
+def test_a_stopped_study_stops_every_worker_and_names_the_cut_runs(tmp_path, jobs, sig):
+    study = {**TINY, "seeds": [0], "base": {**TINY["base"], "epochs": 400}}  # long runs: cut mid-training
+    path = _write_study(tmp_path / "study.yaml", study)
+    out = tmp_path / "out"
+    runs = [out / "runs" / "ce" / "seed0", out / "runs" / "sib__x100" / "seed0"][:jobs]  # those started at once
+    proc = _cli("--config", str(path), "--out", str(out), "--jobs", str(jobs), cwd=tmp_path,
+                log=tmp_path / "study.log")
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not all((r / "checkpoint.pt").exists() for r in runs) and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "study.log").read_text()[-3000:]
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) >= (2 if jobs == 2 else 0)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=240) == 128 + sig
+        log = (tmp_path / "study.log").read_text()
+        cut = "ce seed 0, sib/x100 seed 0" if jobs == 2 else "ce seed 0"
+        assert f"sib study: stopped by {sig.name}; runs cut: {cut} (each keeps its last completed checkpoint" in log
+        assert jobs == 2 or "; not started: sib/x100 seed 0" in log
+        deadline = time.monotonic() + 30
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)], "workers left running after the study was stopped"
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    for run in runs:  # each run continues from the checkpoint it kept
+        saved = load_checkpoint(run)
+        assert 1 <= saved["epoch"] < 400 and not list(run.glob(".*.tmp"))
+        resumed = train(dataclasses.replace(TrainConfig(**json.loads((run / "config.json").read_text())),
+                                            resume=True, epochs=saved["epoch"] + 1))
+        assert [r["epoch"] for r in resumed.history] == list(range(1, saved["epoch"] + 2))
+
+
+def _finished(run: Path) -> int:
+    log = run / "log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 # ----------------------------------------------------------------------------------- the trade-off figure

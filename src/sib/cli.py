@@ -63,11 +63,16 @@ def _demo(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from sib.report.study_summary import key_table
     from sib.study import run_study
+    from sib.study_pool import StudyInterrupted
     from sib.tables import to_markdown
 
-    result = run_study(args.config, args.out, jobs=args.jobs, device=args.device, summary_only=args.summary_only,
-                       overwrite=args.overwrite)
-    key = key_table(result.rows)
+    try:
+        result = run_study(args.config, args.out, jobs=args.jobs, device=args.device,
+                           summary_only=args.summary_only, overwrite=args.overwrite)
+    except StudyInterrupted as stop:  # every worker stopped first; the message names the runs cut
+        print(f"sib study: {stop}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    key = key_table(result.rows, result.baseline)
     print(to_markdown(key, list(dict.fromkeys(c for row in key for c in row))) if key else "(no finished run)")
     for note in result.notes:
         print(note)

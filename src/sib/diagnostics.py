@@ -30,9 +30,11 @@ regulariser is multiplied by the factor (`Regularizer.weights()`: for sib/sib_lo
 sib_fg_weight, for rrr/energy reg_weight). Each loss is linear in its weights (S-IB's w * exp(bg) too: the
 exp is of bg, not of w), so the scaled regulariser's median ratio on those batches is exactly RATIO. It
 runs inside a forked RNG reseeded from the run's seed: the training RNG is not consumed, and a calibrated
-run is reproducible. The result is written to `calibration.json` in the run folder; `--resume` reuses it
-(never recalibrates a trained model), logged as `reg_scale` in log.jsonl and summary.json (with the
-weights, `reg_weights`).
+run is reproducible. The result is written to `calibration.json` in the run folder with the options it was
+measured under (`config`: every TrainConfig field a resume may not change); `--resume` reuses it when they are
+this run's (never recalibrates a trained model: other options with trained epochs are refused; a run killed
+before its first checkpoint is recalibrated, logged), logged as `reg_scale` in log.jsonl and summary.json (with
+the weights, `reg_weights`).
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sib.config import TrainConfig, save_json
+from sib.config import TrainConfig, save_json, to_dict
 from sib.data import collate
 from sib.distributed import DistInfo, EpochBatchSampler, broadcast_object
 from sib.metrics.localisation import energy_pointing_game
 from sib.regularizers import RegOutput, Regularizer
+from sib.run_dir import RESUME_MAY_CHANGE
 from sib.step import step_loss
 
 CALIBRATION_BATCHES = 4
@@ -232,6 +235,33 @@ def _first_batches(cfg: TrainConfig, train_ds: Dataset, device: torch.device) ->
         yield x.to(device, memory_format=fmt), y.to(device), mask.to(device) if mask is not None else None
 
 
+def _measured_under(cfg: TrainConfig) -> dict[str, Any]:
+    """The options a calibration depends on: every TrainConfig field a resume may not change (sib.run_dir)."""
+    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in RESUME_MAY_CHANGE}
+
+
+def _reusable(cfg: TrainConfig, path: Path, saved: dict[str, Any], reg: Regularizer, resumed: bool) -> bool:
+    """Whether a resume may reuse calibration.json: measured under this run's options (those a resume may not
+    change). Otherwise a run with trained epochs is refused (a trained model cannot be recalibrated); one
+    without (killed before its first checkpoint) is recalibrated, and that is logged."""
+    wanted = {"regularizer": cfg.regularizer, "target_ratio": cfg.reg_calibrate, "weights_before": reg.weights()}
+    diffs = [f"{k}={saved.get(k)!r} -> {k}={v!r}" for k, v in wanted.items() if saved.get(k) != v]
+    if "config" in saved:
+        defaults = to_dict(TrainConfig())
+        diffs += [f"{k}={saved['config'].get(k, defaults.get(k))!r} -> {k}={v!r}"
+                  for k, v in _measured_under(cfg).items() if saved["config"].get(k, defaults.get(k)) != v]
+    elif not resumed:
+        diffs.append("options not recorded (a calibration.json of an earlier sib)")
+    if not diffs:
+        return True
+    if resumed:
+        raise ValueError(f"{path} was measured under other options ({'; '.join(diffs)}) than this run's, whose "
+                         f"epochs were trained with it; use another --out or --overwrite")
+    print(f"reg-calibrate: {path} was measured under other options ({'; '.join(diffs)}) and no epoch was "
+          f"trained: recalibrating", flush=True)
+    return False
+
+
 def _calibration(cfg: TrainConfig, out: Path, module: nn.Module, reg: Regularizer, train_ds: Dataset,
                  device: torch.device, loss_options: dict, resumed: bool) -> dict[str, Any] | None:
     path = out / CALIBRATION_FILE
@@ -241,12 +271,7 @@ def _calibration(cfg: TrainConfig, out: Path, module: nn.Module, reg: Regularize
             raise ValueError(f"{path}: this run was calibrated (--reg-calibrate {saved['target_ratio']:g}); pass "
                              f"the same --reg-calibrate to resume it, or use another --out or --overwrite")
         return None
-    if saved is not None:
-        wanted = {"regularizer": cfg.regularizer, "target_ratio": cfg.reg_calibrate, "weights_before": reg.weights()}
-        for key, value in wanted.items():
-            if saved.get(key) != value:
-                raise ValueError(f"{path} was made with {key}={saved.get(key)!r}, but this run has {key}={value!r}; "
-                                 f"use another --out or --overwrite")
+    if saved is not None and _reusable(cfg, path, saved, reg, resumed):
         print(f"reg-calibrate: reusing {path}: factor {saved['factor']:.4g}, "
               + " ".join(f"{k}={v:.4g}" for k, v in saved["weights"].items()), flush=True)
         return saved
@@ -260,6 +285,7 @@ def _calibration(cfg: TrainConfig, out: Path, module: nn.Module, reg: Regularize
         result = calibrate(module, reg, _first_batches(cfg, train_ds, device), cfg.reg_calibrate, cfg.regularizer,
                            **loss_options)
     result["regularizer"] = cfg.regularizer
+    result["config"] = _measured_under(cfg)
     save_json(result, path)
     print(f"reg-calibrate: ||grad {cfg.regularizer}|| / ||grad ce|| = {result['median_ratio']:.4g} (median of "
           f"{result['batches']} batches) -> factor {result['factor']:.4g} for ratio {cfg.reg_calibrate:g}: "

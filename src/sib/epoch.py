@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from sib import progress
 from sib.config import TrainConfig
 from sib.distributed import DistInfo, all_reduce_
 from sib.step import step_loss
@@ -56,8 +56,8 @@ class EpochLoop:
         n = len(loader)
         window_has_grad = False
         t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"{cfg.regularizer} epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not info.is_main)
+        bar = progress.bar(loader, f"{cfg.regularizer} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                           dynamic_ncols=True, disable=not info.is_main)  # the trainer logs a line per epoch
         for i, (x, y, mask) in enumerate(bar):
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cfg.channels_last
                      else torch.contiguous_format)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -36,8 +37,8 @@ from typing import IO, Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
+from sib import progress
 from sib.config import EvalConfig, TrainConfig, save_json, to_dict
 from sib.eval_summary import SummaryStream
 from sib.explain import EXPLAINERS, explain_many
@@ -209,60 +210,65 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         raise ValueError(f"--out {out} is the run folder of --checkpoint {cfg.checkpoint}; an evaluation writes to "
                          f"a folder of its own (default: {run / 'eval'})")
     datasets, evaluated_data = eval_datasets(cfg, train_cfg, ckpt)  # a class mismatch is refused before any write
-    prepare(out, EVAL, overwrite=cfg.overwrite, resume=cfg.resume)
-    per_image = out / "per_image.jsonl"
-    identity = {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "resume", "device", "num_workers")}
-    # what was evaluated, by content: a retrained or replaced checkpoint never resumes an old evaluation
-    evaluated = {"file": str(weights_file), "sha256": file_sha256(weights_file), "epoch": ckpt.get("epoch"),
-                 "step": ckpt.get("step")}
-    if cfg.resume and (out / "eval_config.json").exists():
-        # a field the saved configuration predates counts as its default (dataset, root, dataset_options)
-        previous = {**{k: v for k, v in to_dict(EvalConfig()).items() if k in identity},
-                    **json.loads((out / "eval_config.json").read_text())}
-        before = previous.pop("evaluated_weights", None)
-        previous.pop("evaluated_data", None)
-        if previous != identity:
-            raise ValueError(f"--resume: {out} was evaluated with another configuration "
-                             f"({previous}); use --overwrite or another --out")
-        if before != evaluated:
-            was = f"epoch {before['epoch']}, sha256 {before['sha256'][:12]}" if before else "unrecorded weights"
-            raise ValueError(f"--resume: {out} holds an evaluation of other weights ({was}) than {weights_file} "
-                             f"now holds (epoch {evaluated['epoch']}, sha256 {evaluated['sha256'][:12]}); its "
-                             f"rows are stale: rerun with --overwrite")
-    save_json({**identity, "evaluated_weights": evaluated, "evaluated_data": evaluated_data}, out / "eval_config.json")
-    # summaries from streamed sums: no list of all rows (memory flat in the number of images)
-    stream = SummaryStream()
-    if cfg.resume:
-        done = _read_done(per_image, stream)
-    else:
-        per_image.write_text("")
-        done = set()
+    # one process evaluates into a folder at a time (sib.claim): two would append every row twice
+    with prepare(out, EVAL, overwrite=cfg.overwrite, resume=cfg.resume, claim_for="evaluate"):
+        per_image = out / "per_image.jsonl"
+        identity = {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "resume", "device", "num_workers")}
+        # what was evaluated, by content: a retrained or replaced checkpoint never resumes an old evaluation
+        evaluated = {"file": str(weights_file), "sha256": file_sha256(weights_file), "epoch": ckpt.get("epoch"),
+                     "step": ckpt.get("step")}
+        if cfg.resume and (out / "eval_config.json").exists():
+            # a field the saved configuration predates counts as its default (dataset, root, dataset_options)
+            previous = {**{k: v for k, v in to_dict(EvalConfig()).items() if k in identity},
+                        **json.loads((out / "eval_config.json").read_text())}
+            before = previous.pop("evaluated_weights", None)
+            previous.pop("evaluated_data", None)
+            if previous != identity:
+                raise ValueError(f"--resume: {out} was evaluated with another configuration "
+                                 f"({previous}); use --overwrite or another --out")
+            if before != evaluated:
+                was = f"epoch {before['epoch']}, sha256 {before['sha256'][:12]}" if before else "unrecorded weights"
+                raise ValueError(f"--resume: {out} holds an evaluation of other weights ({was}) than {weights_file} "
+                                 f"now holds (epoch {evaluated['epoch']}, sha256 {evaluated['sha256'][:12]}); its "
+                                 f"rows are stale: rerun with --overwrite")
+        save_json({**identity, "evaluated_weights": evaluated, "evaluated_data": evaluated_data},
+                  out / "eval_config.json")
+        # summaries from streamed sums: no list of all rows (memory flat in the number of images)
+        stream = SummaryStream()
+        if cfg.resume:
+            done = _read_done(per_image, stream)
+        else:
+            per_image.write_text("")
+            done = set()
 
-    for split in cfg.splits:
-        ds = datasets[split]
-        if cfg.max_images is not None:
-            ds = Subset(ds, range(min(cfg.max_images, len(ds))))
-        loader = make_loader(ds, cfg.batch_size, cfg.num_workers)
-        start = 0
-        for b, (x, y, mask) in enumerate(tqdm(loader, desc=f"evaluate {run_name} {split}", leave=False)):
-            n = y.numel()
-            if (split, b) in done:
+        for split in cfg.splits:
+            ds = datasets[split]
+            if cfg.max_images is not None:
+                ds = Subset(ds, range(min(cfg.max_images, len(ds))))
+            loader = make_loader(ds, cfg.batch_size, cfg.num_workers)
+            start, t0 = 0, time.perf_counter()
+            for b, (x, y, mask) in enumerate(progress.bar(loader, f"evaluate {run_name} {split}", leave=False)):
+                n = y.numel()
+                if (split, b) in done:
+                    start += n
+                    continue
+                batch_rows = _evaluate_batch(model, x.to(device), y.to(device), mask, methods, metrics, cfg.target,
+                                             cfg.method_options, cfg.metric_options)
+                for r in batch_rows:
+                    r.update(split=split, batch=b, index=start + r["index"])
+                with per_image.open("a") as f:  # rows, then the batch's end marker
+                    f.writelines(json.dumps(r) + "\n" for r in batch_rows)
+                    f.write(json.dumps({"split": split, "batch": b, "metric": "_batch_done"}) + "\n")
+                for r in batch_rows:
+                    stream.add(r)
                 start += n
-                continue
-            batch_rows = _evaluate_batch(model, x.to(device), y.to(device), mask, methods, metrics, cfg.target,
-                                         cfg.method_options, cfg.metric_options)
-            for r in batch_rows:
-                r.update(split=split, batch=b, index=start + r["index"])
-            with per_image.open("a") as f:  # rows, then the batch's end marker
-                f.writelines(json.dumps(r) + "\n" for r in batch_rows)
-                f.write(json.dumps({"split": split, "batch": b, "metric": "_batch_done"}) + "\n")
-            for r in batch_rows:
-                stream.add(r)
-            start += n
+            kept = sum(1 for done_split, _ in done if done_split == split)
+            progress.stage_done(f"evaluate {run_name} {split}: {start} images in {time.perf_counter() - t0:.1f} s"
+                                + (f" ({kept} batches kept from before)" if kept else ""))
 
-    summary = stream.summary(run_name)
-    write_table(summary, out / "summary", SUMMARY_COLUMNS)
-    return EvalResult(out=out, summary=summary)
+        summary = stream.summary(run_name)
+        write_table(summary, out / "summary", SUMMARY_COLUMNS)
+        return EvalResult(out=out, summary=summary)
 
 
 def summarise(rows: list[dict[str, Any]], run_name: str) -> list[dict[str, Any]]:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ import torch
 
 from sib.config import ExplainConfig
 from sib.data.common import IMAGE_EXTENSIONS, ImageReadError, open_image
-from sib.data.transforms import create_transform, denormalize
+from sib.data.transforms import ImageSizeError, create_transform, denormalize
 from sib.explain import EXPLAINERS, explain
 from sib.io import atomic_write_text
 from sib.report.figures import overlay
@@ -58,8 +60,33 @@ class ExplainResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
+def text(s: str) -> str:
+    """A file name (or a message holding one) as valid text: bytes that were not UTF-8 become escapes (\\xe9).
+
+    Python keeps such bytes of a name as lone surrogates, which no UTF-8 file (predictions.csv) can hold.
+    """
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def not_regular(path: Path) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder (a FIFO, a socket, a device):
+    reading one can wait for ever, so it is skipped by name; None otherwise."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
 def collect_files(inputs: list[str]) -> list[Path]:
     """The image files named by `inputs` (files as given; a folder's image files sorted by name), each once.
+
+    A folder's entries with an image extension that are not regular files (a FIFO named pipe.png) are kept,
+    so that `explain_images` skips them by name instead of leaving them out in silence.
 
     Raises:
         FileNotFoundError: an input does not exist.
@@ -71,7 +98,8 @@ def collect_files(inputs: list[str]) -> list[Path]:
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += sorted(p for p in path.iterdir() if (p.is_file() or not_regular(p))
+                            and p.suffix.lower() in IMAGE_EXTENSIONS)
         elif path.exists():
             files.append(path)
         else:
@@ -99,11 +127,12 @@ def resolve_target(target: str, classes: list[str]) -> int | None:
 
 
 def _overlay_names(files: list[Path]) -> list[str]:
-    """A distinct stem per file: the file's stem, then -2, -3, ... for a stem already taken."""
+    """A distinct stem per file: the file's stem (bytes that are not UTF-8 as "_"), then -2, -3, ... for a stem
+    already taken."""
     taken: set[str] = set()
     names = []
     for f in files:
-        stem, n = f.stem, 1
+        stem, n = re.sub("[\udc80-\udcff]", "_", f.stem), 1
         while (stem if n == 1 else f"{stem}-{n}") in taken:
             n += 1
         name = stem if n == 1 else f"{stem}-{n}"
@@ -141,6 +170,7 @@ def explain_images(cfg: ExplainConfig) -> ExplainResult:
     if out.resolve() == run.resolve():
         raise ValueError(f"--out {out} is the run folder of --checkpoint {cfg.checkpoint}; explanations go to a "
                          f"folder of their own")
+    _refuse_inputs_inside(cfg.inputs, files, out)
     prepare(out, EXPLAIN, overwrite=cfg.overwrite, resume=False)
 
     transform = create_transform(train=False, image_size=train_cfg.image_size, normalization=train_cfg.normalization)
@@ -152,10 +182,10 @@ def explain_images(cfg: ExplainConfig) -> ExplainResult:
         done: dict[Path, dict[str, Any]] = {}
         for path in files[start:start + cfg.batch_size]:
             try:
-                x, _ = transform(open_image(path))  # RGB whatever the mode, then (3, S, S) normalised
-            except ImageReadError as err:
-                result.failed.append((str(path), str(err)))
-                done[path] = {"file": str(path), "status": "failed", "error": str(err)}
+                x = _preprocess(path, transform)
+            except (ImageReadError, ImageSizeError) as err:
+                result.failed.append((text(str(path)), text(str(err))))
+                done[path] = {"file": text(str(path)), "status": "failed", "error": text(str(err))}
                 continue
             batch.append((path, x))
         if batch:
@@ -167,6 +197,35 @@ def explain_images(cfg: ExplainConfig) -> ExplainResult:
 
     _write_outputs(out, cfg, weights_file, ckpt, repr(transform), methods, result, rows)
     return result
+
+
+def _refuse_inputs_inside(inputs: list[str], files: list[Path], out: Path) -> None:
+    """Inputs inside --out: `--overwrite` would delete them before they are read (`sib explain OUT/overlays
+    --out OUT --overwrite`), and without it the folder is refused anyway."""
+    if not out.is_dir():
+        return
+    inside = [p for p in [*map(Path, inputs), *files] if p.resolve().is_relative_to(out.resolve())]
+    if inside:
+        raise ValueError(f"{text(str(inside[0]))}: inside --out {text(str(out))}, the folder sib explain writes "
+                         f"(and --overwrite empties) before reading its inputs; copy the images elsewhere or choose "
+                         f"another --out")
+
+
+def _preprocess(path: Path, transform: Any) -> torch.Tensor:
+    """(3, S, S) normalised: RGB whatever the mode, then the run's evaluation transform.
+
+    Raises:
+        ImageReadError: unreadable, or not a regular file (named).
+        ImageSizeError: too thin or too large once resized (sib.data.transforms.SizeLimit; named).
+    """
+    special = not_regular(path)
+    if special is not None:
+        raise ImageReadError(f"{path}: not a regular file ({special}); skipped")
+    try:
+        x, _ = transform(open_image(path))
+    except ImageSizeError as err:
+        raise ImageSizeError(f"{path}: {err}") from err
+    return x
 
 
 def _explain_batch(model: torch.nn.Module, batch: list[tuple[Path, torch.Tensor]], methods: list[str],
@@ -192,7 +251,7 @@ def _explain_batch(model: torch.nn.Module, batch: list[tuple[Path, torch.Tensor]
     records = []
     for i, (path, _) in enumerate(batch):
         records.append({
-            "file": str(path), "status": "ok", "predicted": classes[top_i[i][0]], "predicted_index": top_i[i][0],
+            "file": text(str(path)), "status": "ok", "predicted": classes[top_i[i][0]], "predicted_index": top_i[i][0],
             "probability": top_p[i][0],
             "top5": [{"class": classes[c], "index": c, "probability": p} for c, p in zip(top_i[i], top_p[i],
                                                                                          strict=True)],
@@ -205,7 +264,7 @@ def _write_outputs(out: Path, cfg: ExplainConfig, weights_file: Path, ckpt: dict
                    methods: list[str], result: ExplainResult, rows: list[dict[str, Any]]) -> None:
     """predictions.json (everything) and predictions.csv (one flat row per input file), written atomically."""
     document = {
-        "checkpoint": cfg.checkpoint, "weights": {"file": str(weights_file), "epoch": ckpt.get("epoch")},
+        "checkpoint": text(cfg.checkpoint), "weights": {"file": text(str(weights_file)), "epoch": ckpt.get("epoch")},
         "preprocessing": transform,
         "target_mode": cfg.target, "methods": methods, "images": result.explained,
         "failed": [{"file": f, "error": e} for f, e in result.failed]}

@@ -5,11 +5,18 @@ Every folder sib writes into holds a manifest, `.sib_manifest.json`: the folder'
 
 - An empty (or missing) folder is created and used. A folder holding a run of the same kind is refused
   unless the user passes `--resume` (continue it) or `--overwrite` (replace it). Any other non-empty folder
-  (no manifest, or another kind) is refused: sib never writes into, nor deletes from, a folder it did not make.
+  (no manifest, or another kind) is refused, flags or not: sib never writes into, nor deletes from, a folder
+  it did not make. Names alone do not make a folder sib's: a user's `config.json` and `summary.json`, or
+  `overlays/` and `predictions.json`, without a manifest are the user's (the refusal names what `--overwrite`
+  would have deleted). A symbolic link as the folder is refused too (never followed, as sub-folders are not).
 - `--overwrite` removes only the artefacts of the kind (the names below, and sub-folders of their own kind
   such as a run's `eval/`), never other files: a `notes.txt` put in a run folder survives.
 - Folders written before manifests existed are recognised by their kind's marker file (`checkpoint.pt`,
-  `per_image.jsonl`, `comparison.json`).
+  `per_image.jsonl`, `comparison.json`): they may be resumed, not overwritten (a marker is a guess: a user's
+  own checkpoint.pt), and the refusal names the files.
+
+A command that writes for long (training, evaluation) claims its folder first (`prepare(..., claim_for=...)`,
+sib.claim): a second process is refused, naming the first, instead of writing into the same files at once.
 
 Checkpoints are written atomically (sib.io) and read with `torch.load(weights_only=True)` only: a checkpoint
 holds tensors and plain Python data (RNG states included), so a crafted file cannot run code when loaded,
@@ -23,6 +30,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import pickle
 import random
 import re
@@ -35,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sib.claim import CLAIM, Claim, ClaimedError, claim, holder
 from sib.io import atomic_torch_save, atomic_write_text
 
 MANIFEST = ".sib_manifest.json"
@@ -147,10 +156,11 @@ def _clear(folder: Path, kind: FolderKind) -> None:
             if child is None:
                 p.unlink()  # an artefact's name: the link goes, its target stays
         elif child is not None and p.is_dir():
-            found = folder_kind(p) if child.marker is not None else child.name
+            found = folder_kind(p)  # its own manifest first: a nested run in tensorboard/ is not tensorboard's
             if found in (child.name, None):  # another kind's folder under this name is left alone
                 _clear(p, child)
-                if all(q.name == MANIFEST for q in p.iterdir()):  # else its manifest keeps it recognisably ours
+                if all(q.name in (MANIFEST, CLAIM) for q in p.iterdir()):  # else its manifest keeps it ours
+                    (p / CLAIM).unlink(missing_ok=True)  # a dead process's (a live one's was refused)
                     (p / MANIFEST).unlink(missing_ok=True)
                     p.rmdir()
         elif p.is_dir():
@@ -168,49 +178,97 @@ def _remove_temporaries(folder: Path, kind: FolderKind) -> None:
             _remove_temporaries(p, kind.child(p.name))
 
 
+def _would_delete(folder: Path, kind: FolderKind, overwrite: bool) -> str:
+    """For a refused --overwrite: "; --overwrite would have deleted: a, b" (the kind's names found), else ""."""
+    names = sorted(p.name for p in _owned(folder, kind))
+    return f"; --overwrite would have deleted: {', '.join(names)}" if overwrite and names else ""
+
+
 def write_manifest(folder: Path, kind: FolderKind) -> None:
     manifest = {"kind": kind.name, "written_by": "sib", "files": sorted(kind.files), "patterns": list(kind.patterns),
                 "folders": {name: child.name for name, child in kind.children.items()}}
     atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def prepare(out: Path, kind: FolderKind, *, overwrite: bool, resume: bool) -> None:
+def prepare(out: Path, kind: FolderKind, *, overwrite: bool, resume: bool, claim_for: str | None = None
+            ) -> Claim | None:
     """Create or check the output folder `out` of a `kind` command (see the module docstring for the rules).
+
+    Args:
+        claim_for: claim the folder for this command ("train", "evaluate"; sib.claim) before changing anything
+            in it, and return the claim (the caller releases it when its work is done); None: no claim.
 
     Raises:
         NotADirectoryError: `out` is a file.
-        FileExistsError: `out` is not empty and not a folder of this kind, or holds a run of this kind and
-            neither `resume` nor `overwrite` was asked for.
+        FileExistsError: `out` is a symbolic link; or it is not empty and not a folder of this kind, or holds a
+            run of this kind and neither `resume` nor `overwrite` was asked for.
+        ClaimedError (a FileExistsError): another live process holds `out` or, with `overwrite`, a sub-folder.
         ValueError: both `resume` and `overwrite`.
     """
     out = Path(out)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pass one (resume continues the run in "
                          f"{out}, overwrite replaces it)")
+    if out.is_symlink():  # as sub-folders: a link is never followed to write or delete (it may leave the run)
+        raise FileExistsError(f"--out {out} is a symbolic link (to {os.readlink(out)}); sib writes only into a real "
+                              f"folder: pass the link's target as --out, or remove the link")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: exists and is not a folder")
-    if out.is_dir():
-        found = folder_kind(out)
-        entries = [p for p in out.iterdir() if p.name != MANIFEST]
-        ours = set(_owned(out, kind))
-        if found is None and any(p not in ours for p in entries):
-            shown = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
-            raise FileExistsError(f"--out {out}: the folder is not empty ({shown}) and is not a sib {kind.name} "
-                                  f"folder; sib writes only into an empty folder or its own: choose another --out")
-        if found is not None and found != kind.name:
-            raise FileExistsError(f"--out {out} holds a sib {found} folder, not a {kind.name} one; "
-                                  f"choose another --out")
-        present = [p for p in _owned(out, kind) if not _is_temp_of(kind, p.name)]
-        present = [p for p in present if not (p.is_dir() and kind.child(p.name) and not any(p.iterdir()))]
-        if present and not (overwrite or resume):
-            again = "pass --resume to continue it or --overwrite" if kind.resumable else "pass --overwrite"
-            raise FileExistsError(f"--out {out} already holds a sib {kind.name} run ({present[0].name}, ...); "
-                                  f"{again} to replace its files (other files in the folder are kept)")
+    _refuse(out, kind, overwrite, resume)  # before claiming: a refused folder gets no claim file either
+    held = claim(out, claim_for) if claim_for else None
+    try:
+        _refuse(out, kind, overwrite, resume)  # again: another process may have finished a run meanwhile
         if overwrite:
+            _refuse_claimed_children(out, kind)
             _clear(out, kind)
-        _remove_temporaries(out, kind)
-    out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, kind)
+        if out.is_dir():
+            _remove_temporaries(out, kind)
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(out, kind)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    return held
+
+
+def _refuse(out: Path, kind: FolderKind, overwrite: bool, resume: bool) -> None:
+    """Raise FileExistsError when `prepare` may not use `out` under these flags (module docstring)."""
+    if not out.is_dir():
+        return
+    found = folder_kind(out)
+    entries = [p for p in out.iterdir() if p.name not in (MANIFEST, CLAIM)]
+    if found is None and entries:  # names alone (a user's config.json) never make a folder sib's
+        shown = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FileExistsError(f"--out {out}: the folder is not empty ({shown}) and is not a sib {kind.name} "
+                              f"folder (no {MANIFEST}); sib writes only into an empty folder or its own"
+                              f"{_would_delete(out, kind, overwrite)}: choose another --out")
+    if found is not None and found != kind.name:
+        raise FileExistsError(f"--out {out} holds a sib {found} folder, not a {kind.name} one; "
+                              f"choose another --out")
+    present = [p for p in _owned(out, kind) if not _is_temp_of(kind, p.name)]
+    present = [p for p in present if not (p.is_dir() and kind.child(p.name) and not any(p.iterdir()))]
+    if present and not (overwrite or resume):
+        again = "pass --resume to continue it or --overwrite" if kind.resumable else "pass --overwrite"
+        raise FileExistsError(f"--out {out} already holds a sib {kind.name} run ({present[0].name}, ...); "
+                              f"{again} to replace its files (other files in the folder are kept)")
+    if overwrite and present and read_manifest(out) is None:  # recognised by its marker only: a guess
+        raise FileExistsError(f"--out {out}: a sib {kind.name} folder from before manifests (it holds "
+                              f"{kind.marker}) has no {MANIFEST}, and sib deletes only what a manifest says it "
+                              f"wrote{_would_delete(out, kind, overwrite)}; delete those files yourself if they "
+                              f"are sib's" + (", or pass --resume to continue the run" if kind.resumable else ""))
+
+
+def _refuse_claimed_children(folder: Path, kind: FolderKind) -> None:
+    """--overwrite clears sub-folders of their own kind (a run's eval/): never under a process working there."""
+    for p in folder.iterdir():
+        child = kind.child(p.name)
+        if child is None or p.is_symlink() or not p.is_dir():
+            continue
+        other = holder(p)
+        if other is not None:
+            raise ClaimedError(p, other)
+        _refuse_claimed_children(p, child)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

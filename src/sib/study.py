@@ -15,6 +15,10 @@ Output folder DIR:
     trade_off.{png,csv,json,md}  sib.report.trade_off: accuracy vs EPG averaged over the methods, one point per
                              setting (mean over seeds, 95% seed interval), Pareto-optimal settings marked
 
+Two studies may run on one folder at once (say, one job per node): each run is claimed before it is trained
+and its evaluation before it is evaluated (sib.claim), and a claimed one is skipped with a line naming the
+process that holds it; the summary then names that run as not evaluated (rerun --summary-only later).
+
 Configuration precedence per run: TrainConfig defaults < base < setting (sweep values included) < {seed, out}.
 A run is trained with `resume=True` (continues an interrupted run; skipped when it finished every epoch) and
 evaluated with `resume=True` (skipped when eval/summary.json is newer than the checkpoint; restarted from
@@ -23,10 +27,8 @@ scratch when the evaluation began before the current checkpoint was written).
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import json
-import multiprocessing
 import os
 import re
 import sys
@@ -40,14 +42,17 @@ from typing import Any
 
 import yaml
 
+from sib.claim import ClaimedError
 from sib.config import EvalConfig, TrainConfig, save_json, to_dict
+from sib.study_pool import run_in_process, run_in_workers
 
 TOP_KEYS = ("base", "seeds", "baseline", "evaluate", "settings")
 RESERVED_TRAIN = ("seed", "out", "resume", "overwrite")  # set by the study for each run
 RESERVED_EVAL = ("checkpoint", "out", "resume", "overwrite")
 # fields that do not change what a run computes: a run folder may differ from the study in these
 EXECUTION_FIELDS = ("device", "num_workers", "out", "resume", "overwrite", "log_every", "tensorboard", "checkpoint")
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+# matched with fullmatch: `$` would also accept a final newline ("ce\n", a second folder beside "ce")
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 OUTPUTS = ("study.json", "summary.csv", "summary.json", "summary.md", "dose_response.png", "trade_off.csv",
            "trade_off.json", "trade_off.md", "trade_off.png")
 
@@ -152,7 +157,7 @@ def _expand(fail: Any, i: int, raw: Any) -> list[Setting]:
         fail(f"settings[{i}]: expected a mapping with a 'label', got {type(raw).__name__}")
     raw = dict(raw)
     label, sweep, sweep_labels = raw.pop("label", None), raw.pop("sweep", None), raw.pop("sweep_labels", None)
-    if not isinstance(label, str) or not LABEL.match(label):
+    if not isinstance(label, str) or not LABEL.fullmatch(label):
         fail(f"settings[{i}]: label {label!r} must be a non-empty name of letters, digits and _ . + = -")
     where = f"settings[{i}] ({label})"
     overrides = _check_partial(fail, where, raw, TrainConfig, RESERVED_TRAIN)
@@ -182,7 +187,7 @@ def _expand(fail: Any, i: int, raw: Any) -> list[Setting]:
         fail(f"{where}: sweep_labels must be a list of {n} names, one per sweep position")
     out = []
     for k, sub in enumerate(sweep_labels):
-        if not isinstance(sub, str) or not LABEL.match(sub):
+        if not isinstance(sub, str) or not LABEL.fullmatch(sub):
             fail(f"{where}: sweep label {sub!r} must be a non-empty name of letters, digits and _ . + = -")
         dose = sweep[first][k]
         numeric = isinstance(dose, int | float) and not isinstance(dose, bool)
@@ -288,10 +293,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume, or keep) and evaluate one run; `job` holds plain dicts so a worker can unpickle it.
 
     A run folder or evaluation made with other values (a changed study file) is refused, or with
-    `job["overwrite"]` redone from scratch.
+    `job["overwrite"]` redone from scratch. A run (or its evaluation) another process has claimed (sib.claim:
+    another study on the same folder) is skipped: the result says by whom, under "skipped".
     """
     from sib.evaluate import evaluate
-    from sib.train import train
 
     cfg, ev = TrainConfig(**job["train"]), EvalConfig(**job["eval"])
     run, out = Path(cfg.out), Path(cfg.out) / "eval"
@@ -300,23 +305,34 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                           ("evaluated", _changes(out / "eval_config.json", ev))):
         if changes and not job["overwrite"]:
             raise ValueError(f"{run} was {what} with other values of {changes}; pass --overwrite to redo it")
+    try:
+        trained = _train_run(cfg, run)
+        checkpoint = _mtime(run / "checkpoint.pt")
+        # an evaluation begun before the current checkpoint was written belongs to other weights: start it afresh
+        stale = _mtime(out / "eval_config.json") < checkpoint or bool(_changes(out / "eval_config.json", ev))
+        if not stale and _mtime(out / "summary.json") > checkpoint:
+            evaluated = "kept"
+        else:
+            evaluate(dataclasses.replace(ev, overwrite=stale, resume=not stale))
+            evaluated = "evaluated"
+    except ClaimedError as err:  # another process (another study on this folder) is on it: skip, say so
+        return {"skipped": f"{err.folder} is claimed by {err.holder.describe() if err.holder else 'another process'}",
+                "seconds": time.perf_counter() - t0}
+    return {"train": trained, "eval": evaluated, "seconds": time.perf_counter() - t0}
+
+
+def _train_run(cfg: TrainConfig, run: Path) -> str:
+    """Retrain (the configuration changed under --overwrite), keep (finished), or train / resume the run."""
+    from sib.train import train
+
     if _changes(run / "config.json", cfg):
         train(dataclasses.replace(cfg, overwrite=True, resume=False))
-        trained = "retrained"
-    elif (run / "summary.json").exists() and _finished_epochs(run) >= cfg.epochs:
-        trained = "kept"
-    else:
-        trained = "resumed" if (run / "checkpoint.pt").exists() else "trained"
-        train(dataclasses.replace(cfg, resume=True))
-    checkpoint = _mtime(run / "checkpoint.pt")
-    # an evaluation begun before the current checkpoint was written belongs to other weights: start it afresh
-    stale = _mtime(out / "eval_config.json") < checkpoint or bool(_changes(out / "eval_config.json", ev))
-    if not stale and _mtime(out / "summary.json") > checkpoint:
-        evaluated = "kept"
-    else:
-        evaluate(dataclasses.replace(ev, overwrite=stale, resume=not stale))
-        evaluated = "evaluated"
-    return {"train": trained, "eval": evaluated, "seconds": time.perf_counter() - t0}
+        return "retrained"
+    if (run / "summary.json").exists() and _finished_epochs(run) >= cfg.epochs:
+        return "kept"
+    trained = "resumed" if (run / "checkpoint.pt").exists() else "trained"
+    train(dataclasses.replace(cfg, resume=True))
+    return trained
 
 
 def _guarded(job: dict[str, Any]) -> dict[str, Any]:
@@ -325,12 +341,6 @@ def _guarded(job: dict[str, Any]) -> dict[str, Any]:
     except Exception as err:  # a failed run is reported by name; the study goes on with the others
         traceback.print_exc()
         return {"error": f"{type(err).__name__}: {err}"}
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _prepare_out(study: Study, out: Path, overwrite: bool) -> None:
@@ -360,6 +370,7 @@ class StudyResult:
     failed: list[str]
     notes: list[str]
     figure: Path | None
+    baseline: str | None = None
 
 
 def run_study(config: str | Path, out: str | Path, jobs: int = 1, device: str | None = None,
@@ -369,7 +380,8 @@ def run_study(config: str | Path, out: str | Path, jobs: int = 1, device: str | 
     Args:
         config: the study file.
         out: the study folder DIR.
-        jobs: runs at once (separate processes, 'spawn'; each gets cpu_count // jobs torch threads).
+        jobs: runs at once (separate processes, 'spawn'; each gets cpu_count // jobs torch threads; SIGTERM or
+            SIGINT stops them all and raises sib.study_pool.StudyInterrupted naming the runs cut).
         device: overrides the device of every run and evaluation.
         summary_only: only re-aggregate the runs that exist (DIR must hold this study).
         overwrite: accept a changed study file for DIR; runs whose configuration changed are retrained,
@@ -400,35 +412,26 @@ def run_study(config: str | Path, out: str | Path, jobs: int = 1, device: str | 
 
 
 def _execute(jobs_list: list[tuple[str, dict[str, Any]]], jobs: int) -> list[str]:
-    """Run the jobs (in this process, or `jobs` spawned workers); print one line per run; return failures."""
+    """Run the jobs (in this process, or `jobs` spawned workers: sib.study_pool); print one line per run; return
+    failures. SIGTERM or SIGINT stops every worker and raises StudyInterrupted naming the runs cut."""
     failed: list[str] = []
+    done = iter(range(1, len(jobs_list) + 1))
 
-    def report(i: int, name: str, res: dict[str, Any]) -> None:
+    def report(name: str, res: dict[str, Any]) -> None:
+        i = next(done)
         if res.get("error"):
             failed.append(f"{name}: {res['error']}")
             print(f"[{i}/{len(jobs_list)}] FAILED {name}: {res['error']}", file=sys.stderr, flush=True)
+        elif res.get("skipped"):
+            print(f"[{i}/{len(jobs_list)}] {name}: skipped, {res['skipped']}", flush=True)
         else:
             print(f"[{i}/{len(jobs_list)}] {name}: training {res['train']}, evaluation {res['eval']} "
                   f"({res['seconds']:.0f} s)", flush=True)
 
     if jobs == 1:
-        for i, (name, job) in enumerate(jobs_list, 1):
-            report(i, name, _guarded(job))
-        return failed
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                initargs=(threads,)) as pool:
-        futures = {pool.submit(_guarded, job): name for name, job in jobs_list}
-        try:
-            for i, fut in enumerate(cf.as_completed(futures), 1):
-                try:
-                    res = fut.result()
-                except Exception as err:  # the worker process died (killed, out of memory)
-                    res = {"error": f"{type(err).__name__}: {err}"}
-                report(i, futures[fut], res)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        run_in_process(jobs_list, _guarded, report)
+    else:
+        run_in_workers(jobs_list, jobs, _guarded, report, threads=max(1, (os.cpu_count() or 1) // jobs))
     return failed
 
 
@@ -458,4 +461,4 @@ def aggregate(study: Study, out: Path, failed: list[str] | None = None) -> Study
         write_table(trade, out / "trade_off", TRADE_COLUMNS)
     if trade_off_figure(trade, study.baseline, out / "trade_off.png") is None:
         notes.append("trade_off.png: skipped (no run has both an accuracy and an EPG)")
-    return StudyResult(out, rows, list(failed or []), notes, figure)
+    return StudyResult(out, rows, list(failed or []), notes, figure, study.baseline)

@@ -190,15 +190,25 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) -> TrainResult:
+    """Claim the run folder (rank 0; sib.claim: one process trains a run at a time), train, release."""
     error: Exception | None = None
+    held = None
     if info.is_main:
         try:
-            prepare(out, TRAIN, overwrite=cfg.overwrite, resume=cfg.resume)
+            held = prepare(out, TRAIN, overwrite=cfg.overwrite, resume=cfg.resume, claim_for="train")
         except (FileExistsError, NotADirectoryError, ValueError) as err:
             error = err
     error = broadcast_object(error, info)  # every process stops with rank 0's refusal, none waits forever
     if error is not None:
         raise error
+    try:
+        return _train_claimed(cfg, out, device, info)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train_claimed(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) -> TrainResult:
     # checked before any data or model is built: a refused resume costs nothing and changes no file
     ckpt = _load_for_resume(out, cfg) if cfg.resume and (out / CHECKPOINT).exists() else None
     seed_everything(cfg.seed)
@@ -245,14 +255,15 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, info: DistInfo) ->
             sched.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start_epoch, history, best_val = ckpt["epoch"], ckpt["history"], ckpt["best_val"]
+    loss_options = {"amp_dtype": amp_dtype, "reg_precision": cfg.reg_precision,
+                    "label_smoothing": cfg.label_smoothing}
+    # --reg-calibrate (scales reg's weights; calibration.json) and the per-epoch diagnostics (sib.diagnostics);
+    # before config.json and run.json: a calibration that fails leaves no run behind for a rerun to refuse
+    reg_scale = calibrate_run(cfg, out, module, reg, train_ds, device, info, loss_options, resumed=start_epoch > 0)
     if info.is_main:
         save_json(to_dict(cfg), out / "config.json")
         _record_session(out, info, device, fast_bn_layers)
     tb = _tensorboard(cfg, out, info)
-    loss_options = {"amp_dtype": amp_dtype, "reg_precision": cfg.reg_precision,
-                    "label_smoothing": cfg.label_smoothing}
-    # --reg-calibrate (scales reg's weights; calibration.json) and the per-epoch diagnostics (sib.diagnostics)
-    reg_scale = calibrate_run(cfg, out, module, reg, train_ds, device, info, loss_options, resumed=start_epoch > 0)
     # the fixed batch comes from the whole val split (not this process's shard), so under torchrun every
     # process measures the same batch with the same weights and logs the same diagnostics
     diag_loader = make_loader(eval_loaders["val"].dataset, cfg.batch_size, 0) if info.enabled else eval_loaders["val"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sib.data import create_dataset
 from sib.data.common import MaskReadError
@@ -65,3 +66,16 @@ def test_masks_aligned_after_train_transform(folder_root, disk):
         torch.manual_seed(seed)
         x, _, m = ds[seed]
         disk.assert_aligned(x, m)
+
+
+def test_an_extreme_image_is_an_error_naming_its_file(disk):
+    from sib.data.transforms import ImageSizeError
+
+    for i in range(2):
+        disk.scene(f"train/cat/{i}.jpg", np.ones((12, 12), bool))
+    Image.new("RGB", (20000, 1)).save(disk.root / "train" / "cat" / "thin.png")  # resized: 37 x 740000 px
+    ds = create_dataset("image_folder", disk.root, "trainval", transform=create_transform(False, image_size=32))
+    thin = [i for i, s in enumerate(ds.samples) if s.path.name == "thin.png"][0]
+    with pytest.raises(ImageSizeError, match=r"thin.png: image of 20000x1 px"):
+        ds[thin]
+    assert ds[1 - thin if thin < 2 else 0][0].shape == (3, 32, 32)  # the others read as before

@@ -97,3 +97,18 @@ def test_bad_inputs_raise():
         create_transform(False, image_size=8)(Image.new("RGB", (10, 10)), Image.new("L", (10, 11)))
     with pytest.raises(ValueError, match="smaller than image_size"):
         create_transform(False, image_size=32, resize_size=16)
+
+
+def test_eval_refuses_an_image_whose_resize_would_be_huge_or_too_thin():
+    """Resizing the short side of a 200000 x 1 image to 37 px makes 37 x 7.4M pixels (2 GB of memory)."""
+    from sib.data.transforms import MAX_ASPECT, MAX_RESIZED_PIXELS, ImageSizeError
+
+    t = create_transform(False, image_size=32)
+    for w, h, why in ((200000, 1, "pixels"), (1, 40000, "pixels"), (50 * MAX_ASPECT + 50, 50, "aspect ratio")):
+        with pytest.raises(ImageSizeError, match=rf"image of {w}x{h} px \(W x H\).*{why}"):
+            t(Image.new("RGB", (w, h)))
+    assert MAX_RESIZED_PIXELS == 2**24 and MAX_ASPECT == 100
+    x, _ = t(Image.new("RGB", (37 * 99, 37)))  # just inside both bounds: resized as before
+    assert x.shape == (3, 32, 32)
+    train = create_transform(True, image_size=32)  # crops before resizing: bounded whatever the shape
+    assert train(Image.new("RGB", (200000, 1)))[0].shape == (3, 32, 32)

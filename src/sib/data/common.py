@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sib.data.transforms import create_transform
+from sib.data.transforms import ImageSizeError, create_transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 SPLITS = ("train", "val", "trainval", "test")
@@ -388,7 +388,10 @@ class MaskedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         image, mask = self.read(index)
-        x, m = self.transform(image, None if mask is None else Image.fromarray(mask.astype(np.uint8) * 255))
+        try:
+            x, m = self.transform(image, None if mask is None else Image.fromarray(mask.astype(np.uint8) * 255))
+        except ImageSizeError as err:  # the transform sees pixels, not files: name the file here
+            raise ImageSizeError(f"{self.samples[index].path}: {err}") from err
         return x, self.samples[index].label, m
 
     def inspect(self, index: int) -> list[Problem]:

@@ -37,6 +37,40 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 # torchvision's RandomResizedCrop defaults: area fraction and aspect ratio of the crop.
 DEFAULT_CROP_SCALE = (0.08, 1.0)
 DEFAULT_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# The evaluation transform resizes the shorter side first, so the longer one grows with the aspect ratio: a
+# 200000 x 1 PNG of 275 bytes became 37 x 7.4M pixels, 2 GB (~4.4 bytes per resized pixel, measured). Bounds:
+# 2**24 resized pixels (~75 MB; a 16:9 photo at a 2048 px run is 9.7M) and a 100:1 aspect ratio.
+MAX_RESIZED_PIXELS = 2**24
+MAX_ASPECT = 100
+
+
+class ImageSizeError(ValueError):
+    """An image whose shape the evaluation transform refuses (too thin, or too many pixels once resized)."""
+
+
+class SizeLimit:
+    """The first step of the evaluation geometry: refuse, before resizing, an image the resize would blow up.
+
+    Args:
+        resize: the side the shorter image side is resized to.
+    """
+
+    def __init__(self, resize: int, max_pixels: int = MAX_RESIZED_PIXELS, max_aspect: float = MAX_ASPECT) -> None:
+        self.resize, self.max_pixels, self.max_aspect = resize, max_pixels, max_aspect
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        short, long = min(h, w), max(h, w)
+        resized = self.resize * round(long * self.resize / short)
+        if long > self.max_aspect * short or resized > self.max_pixels:
+            raise ImageSizeError(f"image of {w}x{h} px (W x H): its aspect ratio {long / short:.4g}:1 would be "
+                                 f"resized to {resized:,} pixels (shorter side {self.resize} px); the bounds are "
+                                 f"{self.max_pixels:,} pixels and an aspect ratio of {self.max_aspect:g}:1; crop it "
+                                 f"to the object first")
+        return img
+
+    def __repr__(self) -> str:
+        return f"SizeLimit(max_pixels={self.max_pixels}, max_aspect={self.max_aspect:g})"
 
 
 def _stats(name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +161,9 @@ def create_transform(train: bool, image_size: int = 224, resize_size: int | None
     """Create the paired train or eval transform.
 
     Args:
-        train: True for random resized crop + horizontal flip; False for resize + centre crop.
+        train: True for random resized crop + horizontal flip; False for resize + centre crop (an image
+            beyond `MAX_RESIZED_PIXELS` once resized, or `MAX_ASPECT`, raises ImageSizeError first; the random
+            crop comes before its resize, so training needs no bound).
         image_size: side S of the square output.
         resize_size: eval only: the shorter side is resized to this before the centre crop; None means
             round(image_size * 256 / 224) (256 for 224, the ImageNet convention). `resize_size ==
@@ -150,9 +186,9 @@ def create_transform(train: bool, image_size: int = 224, resize_size: int | None
         resize = round(image_size * 256 / 224) if resize_size is None else resize_size
         if resize < image_size:
             raise ValueError(f"resize_size {resize} is smaller than image_size {image_size}")
-        geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
+        geometry = [SizeLimit(resize), v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
     return PairedTransform(geometry, normalization)
 
 
-__all__ = ["NORMALIZATIONS", "PairedTransform", "create_transform", "denormalize", "image_to_tensor",
-           "mask_to_tensor", "normalize"]
+__all__ = ["MAX_ASPECT", "MAX_RESIZED_PIXELS", "NORMALIZATIONS", "ImageSizeError", "PairedTransform", "SizeLimit",
+           "create_transform", "denormalize", "image_to_tensor", "mask_to_tensor", "normalize"]

@@ -40,7 +40,8 @@ def _eval_summary(run: Run) -> dict[Key, dict[str, Any]]:
 
 def comparison(inp: ReportInput) -> tuple[list[dict[str, Any]], list[str]]:
     """The comparison rows (keys: run, split, method, metric, base, base_low, base_high, value, low, high, diff,
-    diff_low, diff_high, boot_low, boot_high, n) and notes on what was left out.
+    diff_low, diff_high, boot_low, boot_high, n, invalid: maps that were not finite) and notes on what was left
+    out.
 
     A baseline run without an evaluation gives way to the first evaluated run (`inp.baseline` is updated; None
     when only one run is evaluated)."""
@@ -79,7 +80,7 @@ def _run_rows(inp: ReportInput) -> tuple[list[dict[str, Any]], list[str]]:
                          "value": _nan(s["mean"]), "low": _nan(ev.get("ci95_low")), "high": _nan(ev.get("ci95_high")),
                          "diff": _nan(s["diff"]), "diff_low": _nan(s["boot_ci95_low"]),
                          "diff_high": _nan(s["boot_ci95_high"]), "boot_low": _nan(s["boot_ci95_low"]),
-                         "boot_high": _nan(s["boot_ci95_high"]), "n": s["n_images"]})
+                         "boot_high": _nan(s["boot_ci95_high"]), "n": s["n_images"], "invalid": s.get("invalid", 0)})
     return rows, notes
 
 
@@ -114,7 +115,7 @@ def _study_rows(inp: ReportInput) -> tuple[list[dict[str, Any]], list[str]]:
                      "diff_low": _nan(s["diff_ci95_low"] if seeds_ok else s["boot_ci95_low"]),
                      "diff_high": _nan(s["diff_ci95_high"] if seeds_ok else s["boot_ci95_high"]),
                      "boot_low": _nan(s["boot_ci95_low"]), "boot_high": _nan(s["boot_ci95_high"]),
-                     "n": s.get("n_seeds")})
+                     "n": s.get("n_seeds"), "invalid": s.get("invalid", 0)})
     return rows, notes
 
 

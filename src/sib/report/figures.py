@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from sib.io import atomic_write  # noqa: E402
+from sib.io import atomic_write
+from sib.report.mpl import matplotlib, plt  # Agg, text drawn as given (no TeX)
 
 
 def heatmap_grid(images: torch.Tensor, masks: torch.Tensor | None, columns: dict[str, torch.Tensor],

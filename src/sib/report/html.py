@@ -28,7 +28,7 @@ from sib.report import compare, gallery, plots
 from sib.report import sections as sections_
 from sib.report.inputs import ReportInput, Run, collect
 from sib.report.page import cell, dot, esc, finite, img, interval, num, page, table, value
-from sib.run_dir import REPORT, prepare, read_manifest
+from sib.run_dir import MANIFEST, REPORT, prepare, read_manifest
 
 GALLERY_RUNS = 10  # at most this many runs (study: settings) in the gallery; the table has them all
 GLOSSARY = ("EPG (energy pointing game): the share of a heatmap's positive energy that falls on the object, from 0 to "
@@ -59,9 +59,23 @@ def write_report(inputs: Sequence[str | Path], out: str | Path, *, overwrite: bo
     out = Path(out)
     if (out / "index.html").exists() and read_manifest(out) is None:
         raise FileExistsError(f"--out {out} holds an index.html that sib did not write; choose another --out")
+    created, had_manifest = not out.exists(), (out / MANIFEST).exists()
     prepare(out, REPORT, overwrite=overwrite, resume=False)
-    atomic_write_text(out / "index.html", render(inp, methods, n_images, n_differ, device))
+    try:
+        page_html = render(inp, methods, n_images, n_differ, device)
+    except BaseException:
+        _undo_prepare(out, created, had_manifest)
+        raise
+    atomic_write_text(out / "index.html", page_html)
     return out / "index.html"
+
+
+def _undo_prepare(out: Path, created: bool, had_manifest: bool) -> None:
+    """A report that failed leaves `out` as it found it: no half-made folder that a rerun would refuse."""
+    if not had_manifest:
+        (out / MANIFEST).unlink(missing_ok=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def render(inp: ReportInput, methods: list[str] | None, n_images: int, n_differ: int, device: str) -> str:

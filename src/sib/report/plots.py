@@ -6,13 +6,10 @@ import io
 import math
 from typing import Any
 
-import matplotlib
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from sib.report.inputs import Run  # noqa: E402
+from sib.report.inputs import Run
+from sib.report.mpl import matplotlib, plt  # Agg, text drawn as given (no TeX)
 
 MARKERS = "os^Dv<>ph*"
 SHARES = {"coverage", "diag_coverage", "diag_r_in_gt"}  # fractions in [0, 1]: always a linear axis

@@ -7,7 +7,7 @@ from typing import Any
 
 from sib.report import compare, gallery, plots
 from sib.report.inputs import ReportInput, Run
-from sib.report.page import cell, dot, esc, img, interval, num, table, value
+from sib.report.page import cell, dot, esc, finite, img, interval, num, table, value
 
 HIDDEN_CONFIG = {"out", "resume", "overwrite"}  # differ between runs by construction
 
@@ -94,13 +94,16 @@ def comparison_section(inp: ReportInput, rows: list[dict[str, Any]], colour: dic
                  cell(r["metric"])]
         if base:
             cells += [cell(num(r["base"]), r["base"], "num"), cell(interval(r["base_low"], r["base_high"]))]
-        cells += [cell(num(r["value"]), r["value"], "num"), cell(interval(r["low"], r["high"]))]
+        shown = "invalid" if r.get("invalid") and not finite(r["value"]) else num(r["value"])
+        cells += [cell(shown, r["value"], "num"), cell(interval(r["low"], r["high"]))]
         if base:
             cls = "num pos" if s > 0 else "num neg" if s < 0 else "num"
             cells += [cell(num(r["diff"], True), r["diff"], cls), cell(interval(r["diff_low"], r["diff_high"], True))]
             if study:
                 cells.append(cell(interval(r["boot_low"], r["boot_high"], True)))
-        cells.append(cell(str(r["n"]) if r["n"] is not None else "", r["n"], "num"))
+        count = str(r["n"]) if r["n"] is not None else ""
+        count += f" ({r['invalid']} invalid)" if r.get("invalid") else ""
+        cells.append(cell(count, r["n"], "num"))
         body.append(f'<tr data-sign="{s}">' + "".join(cells) + "</tr>")
     ci = ("the Δ interval is over seeds (Student t) where a setting has two or more seeds, else the per-image "
           "paired bootstrap" if study else "values: the evaluation's 95% interval over images; Δ: computed on "
@@ -108,8 +111,9 @@ def comparison_section(inp: ReportInput, rows: list[dict[str, Any]], colour: dic
     parts.append(f'<p class="legend">{esc(ci)}. Δ is coloured only where its interval excludes zero: '
                  '<span style="background:#d6e6f5">blue</span> above zero, <span style="background:#fde2c8">'
                  "orange</span> below. Colour gives the sign, not whether it is better (for sec_per_step lower is "
-                 "better). Rows with split \"-\" are per run (time per step, last-epoch diagnostics). Click a "
-                 "column header to sort.</p>")
+                 "better). Rows with split \"-\" are per run (time per step, last-epoch diagnostics). \"invalid\": "
+                 "maps that were not finite (NaN or inf), left out of the value and counted. Click a column header "
+                 "to sort.</p>")
     parts.append('<p><input class="filter" data-table="comparison-table" placeholder="filter rows, e.g. '
                  'test_shifted grad_cam" size="40"> <span class="muted" id="comparison-table-count">'
                  f"{len(rows)} of {len(rows)}</span></p>")

@@ -6,12 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sib.io import atomic_write  # noqa: E402
+from sib.io import atomic_write
+from sib.report.mpl import plt  # Agg, text drawn as given (no TeX)
 
 EPG = "energy_pointing_game"
 

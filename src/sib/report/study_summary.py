@@ -19,6 +19,12 @@ method "-", metric "accuracy"):
                            split, method, metric), so the numbers are reproducible and every setting is compared
                            on the same draws.
     n_images               the fewest valid images of one run, over seeds.
+    n_seeds, n_pairs       seeds with a value, and seeds with a paired difference (a failed baseline seed, or
+                           a seed whose maps were all invalid, leaves fewer pairs than seeds).
+    invalid, invalid_seeds images whose map was not finite (rows the evaluator marked "invalid"), summed over
+                           seeds, and per seed where any ("seed2 16/16": 16 of the seed's 16 images). A method
+                           whose maps are invalid for every seed still gets its row (mean NaN, n_seeds 0), and
+                           every (setting, seed, method) with invalid maps gets a note.
 Run-level quantities get split "-" and method "-": from the last row of each run's log.jsonl the diagnostics
 (`RUN_KEYS`, where logged) and from summary.json `sec_per_step`; mean, t-interval and paired difference over
 seeds as above, no bootstrap.
@@ -38,19 +44,23 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-COLUMNS = ["setting", "dose", "split", "method", "metric", "n_seeds", "mean", "ci95_low", "ci95_high", "diff",
-           "diff_ci95_low", "diff_ci95_high", "boot_ci95_low", "boot_ci95_high", "n_images"]
+COLUMNS = ["setting", "dose", "split", "method", "metric", "n_seeds", "n_pairs", "mean", "ci95_low", "ci95_high",
+           "diff", "diff_ci95_low", "diff_ci95_high", "boot_ci95_low", "boot_ci95_high", "n_images", "invalid",
+           "invalid_seeds"]
 RUN_KEYS = ("diag_grad_ratio", "diag_r_abs_mean", "diag_coverage", "diag_r_in_gt", "reg_scale")
 OK_STATUS = (None, "ok")
 Key = tuple[str, str, str]  # (split, method, metric)
 
 
 class RunValues:
-    """One run's valid per-image values: key -> (index (n,) int64 sorted, value (n,) float64, label (n,) int64)."""
+    """One run's valid per-image values: key -> (index (n,) int64 sorted, value (n,) float64, label (n,) int64);
+    `invalid`: key -> (images whose map was invalid, images of the key), for keys with any invalid map."""
 
-    def __init__(self, arrays: dict[Key, tuple[np.ndarray, np.ndarray, np.ndarray]], scalars: dict[str, float]):
+    def __init__(self, arrays: dict[Key, tuple[np.ndarray, np.ndarray, np.ndarray]], scalars: dict[str, float],
+                 invalid: dict[Key, tuple[int, int]] | None = None):
         self.arrays = arrays
         self.scalars = scalars
+        self.invalid = invalid or {}
 
 
 def _finite(v: Any) -> bool:
@@ -60,15 +70,19 @@ def _finite(v: Any) -> bool:
 def read_run(run: Path) -> RunValues:
     """Stream `run/eval/per_image.jsonl` into arrays; read the run-level scalars of log.jsonl and summary.json."""
     cols: dict[Key, tuple[list[int], list[float], list[int]]] = {}
+    counts: dict[Key, list[int]] = {}  # key -> [invalid, all] images
     with (run / "eval" / "per_image.jsonl").open() as f:
         for line in f:
             if not line.strip():
                 continue
             r = json.loads(line)
-            if str(r.get("metric", "_")).startswith("_") or r.get("status") not in OK_STATUS:
-                continue  # batch markers; rows the evaluator flagged (invalid attribution, empty mask)
-            if not _finite(r.get("value")):
-                continue
+            if str(r.get("metric", "_")).startswith("_"):
+                continue  # batch markers
+            count = counts.setdefault((r["split"], r["method"], r["metric"]), [0, 0])
+            count[0] += r.get("status") == "invalid"
+            count[1] += 1
+            if r.get("status") not in OK_STATUS or not _finite(r.get("value")):
+                continue  # rows the evaluator flagged (invalid attribution, empty mask)
             idx, val, lab = cols.setdefault((r["split"], r["method"], r["metric"]), ([], [], []))
             idx.append(int(r["index"]))
             val.append(float(r["value"]))
@@ -78,6 +92,7 @@ def read_run(run: Path) -> RunValues:
         order = np.argsort(idx, kind="stable")
         arrays[key] = (np.asarray(idx, np.int64)[order], np.asarray(val, np.float64)[order],
                        np.asarray(lab, np.int64)[order])
+        _refuse_duplicates(run / "eval" / "per_image.jsonl", key, arrays[key][0])
     scalars: dict[str, float] = {}
     log = run / "log.jsonl"
     lines = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
@@ -88,7 +103,19 @@ def read_run(run: Path) -> RunValues:
         summary = json.loads((run / "summary.json").read_text())
         if _finite(summary.get("sec_per_step")):
             scalars["sec_per_step"] = float(summary["sec_per_step"])
-    return RunValues(arrays, scalars)
+    return RunValues(arrays, scalars, {k: (bad, n) for k, (bad, n) in counts.items() if bad})
+
+
+def _refuse_duplicates(path: Path, key: Key, index: np.ndarray) -> None:
+    """Every image once per (split, method, metric): two processes appending one evaluation write each row twice,
+    and a pairing on such rows is meaningless (it raised an IndexError deep in NumPy)."""
+    repeated = index[1:][index[1:] == index[:-1]]  # `index` is sorted
+    if repeated.size:
+        split, method, metric = key
+        raise ValueError(f"{path}: image index {int(repeated[0])} appears more than once for split {split}, method "
+                         f"{method}, metric {metric} ({repeated.size} repeated rows): two evaluations wrote into this "
+                         f"file at once; remove the folder {path.parent} and rerun the study, which evaluates that "
+                         f"run again")
 
 
 def _reduction(metric: str) -> str:
@@ -158,6 +185,7 @@ class _Acc:
         self.boot: np.ndarray | None = None
         self.boot_seeds = 0
         self.n_images: list[int] = []
+        self.invalid: dict[int, tuple[int, int]] = {}  # seed -> (invalid images, images)
 
 
 def summarise_runs(runs: dict[str, dict[int, Path]], baseline: str, doses: dict[str, float | None] | None = None,
@@ -189,6 +217,7 @@ def summarise_runs(runs: dict[str, dict[int, Path]], baseline: str, doses: dict[
                 continue
             values = base if label == baseline and base is not None else read_run(run)
             _add_run(acc[label], values, None if label == baseline else base, seed, n_boot, boot_seed)
+            notes += _invalid_notes(label, seed, values)
     rows = []
     for label, per_key in acc.items():
         for key, a in per_key.items():
@@ -198,16 +227,30 @@ def summarise_runs(runs: dict[str, dict[int, Path]], baseline: str, doses: dict[
             if a.boot is not None and a.boot_seeds:
                 blow, bhigh = (float(q) for q in np.percentile(a.boot / a.boot_seeds, [2.5, 97.5]))
             rows.append({"setting": label, "dose": (doses or {}).get(label), "split": key[0], "method": key[1],
-                         "metric": key[2], "n_seeds": len(a.values), "mean": mean, "ci95_low": low,
-                         "ci95_high": high, "diff": diff, "diff_ci95_low": dlow, "diff_ci95_high": dhigh,
-                         "boot_ci95_low": blow, "boot_ci95_high": bhigh,
-                         "n_images": min(a.n_images) if a.n_images else None})
+                         "metric": key[2], "n_seeds": len(a.values), "n_pairs": len(a.diffs), "mean": mean,
+                         "ci95_low": low, "ci95_high": high, "diff": diff, "diff_ci95_low": dlow,
+                         "diff_ci95_high": dhigh, "boot_ci95_low": blow, "boot_ci95_high": bhigh,
+                         "n_images": min(a.n_images) if a.n_images else None,
+                         "invalid": sum(bad for bad, _ in a.invalid.values()),
+                         "invalid_seeds": ", ".join(f"seed{seed} {bad}/{n}" for seed, (bad, n) in a.invalid.items())})
     return rows, notes
+
+
+def _invalid_notes(label: str, seed: int, run: RunValues) -> list[str]:
+    """One note per (split, method) whose maps were invalid on some of this run's images (the first metric's
+    count: every metric of a method shares its maps)."""
+    seen: dict[tuple[str, str], tuple[int, int]] = {}
+    for (split, method, _), counts in run.invalid.items():
+        seen.setdefault((split, method), counts)
+    return [f"{label} seed {seed}: {method} maps invalid (not finite) on {bad} of {n} {split} images; left out"
+            for (split, method), (bad, n) in seen.items()]
 
 
 def _add_run(per_key: dict[Key, _Acc], run: RunValues, base: RunValues | None, seed: int, n_boot: int,
              boot_seed: int) -> None:
     """Add one run's per-run values, and (with `base`) its paired differences, to the accumulators."""
+    for key, counts in run.invalid.items():
+        per_key.setdefault(key, _Acc()).invalid[seed] = counts
     for key, (idx, val, lab) in run.arrays.items():
         a = per_key.setdefault(key, _Acc())
         reduction = _reduction(key[2])
@@ -233,13 +276,18 @@ def _add_run(per_key: dict[Key, _Acc], run: RunValues, base: RunValues | None, s
             a.diffs.append(value - base.scalars[name])
 
 
-def key_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+def key_table(rows: list[dict[str, Any]], baseline: str | None = None) -> list[dict[str, str]]:
     """One line per setting for the terminal: accuracy on every split and EPG per method on the first split.
 
     A cell reads "mean (diff [low, high])": the mean over seeds, then the paired difference to the baseline
     with its t-interval over seeds; the baseline's cells read "mean [low, high]" (its t-interval over seeds).
+    One seed (or one pair) has no interval, and says so; a method whose maps were invalid says "invalid".
+    The seeds column spans every cell of the line ("2-3" when they differ) and, for a setting other than
+    `baseline`, names the paired count when fewer seeds were paired ("3 (2 paired)").
     """
     splits = list(dict.fromkeys(r["split"] for r in rows if r["split"] != "-"))
+    if not splits:
+        return []
     columns = [(f"acc {s}", (s, "-", "accuracy")) for s in splits]
     columns += [(f"EPG {r['method']} ({splits[0]})", (splits[0], r["method"], r["metric"])) for r in rows
                 if r["metric"] == "energy_pointing_game" and r["split"] == splits[0]]
@@ -248,16 +296,33 @@ def key_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     table = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
         line = {"setting": setting}
-        for name, key in columns:
-            r = index.get((setting, *key))
-            if r is None:
-                continue
-            line["seeds"] = str(r["n_seeds"])
-            cell = f"{r['mean']:.3f}"
-            if math.isfinite(r["diff"]):
-                cell += f" ({r['diff']:+.3f} [{r['diff_ci95_low']:+.3f}, {r['diff_ci95_high']:+.3f}])"
-            elif math.isfinite(r["ci95_low"]):
-                cell += f" [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
-            line[name] = cell
+        cells = {name: index[(setting, *key)] for name, key in columns if (setting, *key) in index}
+        if cells:
+            line["seeds"] = _seeds_text(list(cells.values()), paired=setting != baseline)
+        line.update({name: _key_cell(r) for name, r in cells.items()})
         table.append(line)
     return table
+
+
+def _span(counts: list[int]) -> str:
+    return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
+def _seeds_text(cells: list[dict[str, Any]], paired: bool) -> str:
+    seeds, pairs = [r["n_seeds"] for r in cells], [r.get("n_pairs", r["n_seeds"]) for r in cells]
+    fewer = paired and any(p < n for p, n in zip(pairs, seeds, strict=True))
+    return _span(seeds) + (f" ({_span(pairs)} paired)" if fewer else "")
+
+
+def _key_cell(r: dict[str, Any]) -> str:
+    if not math.isfinite(r["mean"]):
+        return f"invalid ({r['invalid']} maps)" if r.get("invalid") else "-"
+    cell = f"{r['mean']:.3f}"
+    if math.isfinite(r["diff"]):
+        cell += (f" ({r['diff']:+.3f} [{r['diff_ci95_low']:+.3f}, {r['diff_ci95_high']:+.3f}])"
+                 if math.isfinite(r["diff_ci95_low"]) else f" ({r['diff']:+.3f}, 1 seed: no interval)")
+    elif math.isfinite(r["ci95_low"]):
+        cell += f" [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
+    elif r["n_seeds"] == 1:
+        cell += " (1 seed: no interval)"
+    return cell + (f", {r['invalid']} invalid" if r.get("invalid") else "")

@@ -16,13 +16,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sib.io import atomic_write  # noqa: E402
-from sib.report.study_summary import t_interval  # noqa: E402
+from sib.io import atomic_write
+from sib.report.mpl import plt  # Agg, text drawn as given (no TeX)
+from sib.report.study_summary import t_interval
 
 EPG = "energy_pointing_game"
 COLUMNS = ["setting", "split", "n_seeds", "n_methods", "accuracy", "accuracy_ci95_low", "accuracy_ci95_high",
