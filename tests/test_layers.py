@@ -23,7 +23,7 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
 # Floors from the bottom up: (name, rooms). A room may import rooms on lower floors, and rooms of its own floor
 # only where PEERS says so. Keep docs/ARCHITECTURE.md's picture (between the `layers:` markers) the same.
 FLOORS: list[tuple[str, list[str]]] = [
-    ("tools", ["io", "registry", "batching", "distributed", "schedule", "fast_bn"]),
+    ("tools", ["io", "registry", "batching", "distributed", "schedule", "fast_bn", "claim", "progress", "study_pool"]),
     ("records", ["tables", "run_dir"]),
     ("inputs", ["data", "models"]),
     ("explanations", ["explain"]),
