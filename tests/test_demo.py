@@ -75,7 +75,7 @@ def test_demo_without_overwrite_leaves_an_existing_run_alone(tmp_path, make_tiny
     (out / "ce" / "thesis.tex").write_text("chapter 1")
     before = {p: p.read_bytes() for p in (out / "ce").rglob("*") if p.is_file()}  # tensorboard/ too
     res = _demo(out)
-    assert res.returncode == 2 and "sib demo: error: --out" in res.stderr and "pass --overwrite" in res.stderr
+    assert res.returncode == 2 and "sib demo: error: --out" in res.stderr and "choose another --out" in res.stderr
     assert {p: p.read_bytes() for p in (out / "ce").rglob("*") if p.is_file()} == before
 
 
