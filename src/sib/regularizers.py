@@ -293,15 +293,14 @@ class _MaskSupervised(Regularizer):
         """(per-image loss (B,), attribution map) of the input-gradient form; the generic one by default."""
         return self._generic(x, logits, y, fg.float())
 
+    squared_gradient = False  # the "gradient" map is sum_k g_k^2 per cell (RRR) instead of sum_k g_k
+
     def _explain(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The explanation (B, 1, h, w) at the configured place, with its graph."""
-        if self.layer == "input":
-            acts, cap = x, Capture()
-        else:
-            acts, cap = self._layer_output()
+        acts, cap = (x, Capture()) if self.layer == "input" else self._layer_output()
         if self.explanation == "grad_cam":
             return grad_cam_map(f32(logits).gather(1, y[:, None]).sum(), acts, cap)
-        return gradient_map(self._score(logits, y), acts, cap)
+        return gradient_map(self._score(logits, y), acts, cap, squared=self.squared_gradient)
 
     def _generic(self, x, logits, y, fg) -> tuple[torch.Tensor, torch.Tensor]:
         attr = to_image(self._explain(x, logits, y), tuple(x.shape[-2:]))
@@ -333,6 +332,7 @@ class RRRRegularizer(_MaskSupervised):
     """
 
     part_name = "rrr"
+    squared_gradient = True
 
     def _score(self, logits, y):
         return torch.log_softmax(f32(logits), dim=1).sum()
@@ -341,17 +341,9 @@ class RRRRegularizer(_MaskSupervised):
         g = _input_grad(torch.log_softmax(logits.float(), dim=1).sum(), x)  # (B, C, H, W)
         return ((g * (~fg.bool()).float()) ** 2).flatten(1).sum(dim=1), g
 
-    def _explain(self, x, logits, y):
-        m = super()._explain(x, logits, y)
-        return m * m if self.explanation == "grad_cam" else m
-
-    def _generic(self, x, logits, y, fg):
-        if self.explanation == "gradient":  # sum_k g_k^2 per cell, then upsampled
-            acts, cap = (x, Capture()) if self.layer == "input" else self._layer_output()
-            attr = to_image(gradient_map(self._score(logits, y), acts, cap, squared=True), tuple(x.shape[-2:]))
-        else:
-            attr = to_image(self._explain(x, logits, y), tuple(x.shape[-2:]))
-        return rrr_loss(attr, fg), attr
+    def _per_image(self, attr, fg):
+        # the gradient map is already sum_k g_k^2; Grad-CAM is squared here (RRR-G)
+        return rrr_loss(attr * attr if self.explanation == "grad_cam" else attr, fg)
 
 
 @REGULARIZERS.register("energy")
