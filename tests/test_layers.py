@@ -24,7 +24,7 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
 # only where PEERS says so. Keep docs/ARCHITECTURE.md's picture (between the `layers:` markers) the same.
 FLOORS: list[tuple[str, list[str]]] = [
     ("tools", ["io", "registry", "batching", "distributed", "schedule", "fast_bn", "claim", "progress", "study_pool"]),
-    ("records", ["tables", "run_dir"]),
+    ("records", ["tables", "task_record", "run_dir"]),
     ("inputs", ["data", "models"]),
     ("explanations", ["explain"]),
     ("measures", ["metrics", "loss", "guidance"]),
@@ -32,6 +32,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("config", ["config"]),
     ("parts", ["runtime", "step", "epoch", "diagnostics"]),
     ("commands", ["train", "evaluate", "explain_files", "report"]),
+    ("launchers", ["launch"]),
     ("workflows", ["demo", "study"]),
     ("entry", ["cli", "__main__"]),
 ]
@@ -40,6 +41,7 @@ PEERS: set[tuple[str, str]] = {
     ("epoch", "step"),
     ("diagnostics", "step"),
     ("explain_files", "report"),
+    ("run_dir", "task_record"),
     ("__main__", "cli"),
 }
 

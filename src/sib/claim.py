@@ -8,7 +8,8 @@ its folder before it changes anything and releases it when done:
         ...                               # the work
 
 The claim is the file `.sib_claim.json` in the folder, holding who works there (`Holder`: command, host, pid,
-start time and, under SLURM, the job id) for messages and for a cluster launcher to read (`holder`). It is
+start time and, under SLURM, the job id: ARRAY_TASK for an array task, as squeue names it) for messages and
+for a cluster launcher to read (`holder`). It is
 held with an exclusive `flock` on that file for as long as the work runs. The kernel drops the lock when the
 process ends, however it ends (an exception, SIGKILL, a crash), and keeps it while the process is only stopped
 (SIGSTOP): so a claim is never taken from a live process, and a dead one's is taken over at once. A clean
@@ -78,8 +79,11 @@ def _process_start(pid: int) -> int | None:
 
 def me(command: str) -> Holder:
     """This process as a holder of a claim for `command`."""
+    env = os.environ
+    array = env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID")
+    job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if array else env.get("SLURM_JOB_ID") or None
     return Holder(command, socket.gethostname(), os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  _process_start(os.getpid()), os.environ.get("SLURM_JOB_ID") or None)
+                  _process_start(os.getpid()), job)
 
 
 def _read(fd: int) -> Holder | None:

@@ -12,7 +12,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sib.config import EvalConfig, ExplainConfig, TrainConfig, add_dataclass_arguments, build_config, field_help
+from sib.config import (
+    EvalConfig,
+    ExplainConfig,
+    LauncherConfig,
+    TrainConfig,
+    add_dataclass_arguments,
+    build_config,
+    field_help,
+)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -62,16 +70,38 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from sib.report.study_summary import key_table
-    from sib.study import run_study
+    from sib.study import run_study, study_status
     from sib.study_pool import StudyInterrupted
     from sib.tables import to_markdown
 
+    if args.status is not None:
+        rows, command = study_status(args.status)
+        print(to_markdown(rows, ["setting", "seed", "state", "job", "node", "detail"]))
+        counts = {}
+        for row in rows:
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        print(", ".join(f"{n} {state}" for state, n in counts.items()))
+        print(f"aggregate: {command}" + ("" if counts.get("done") == len(rows) else " (add --partial while runs are "
+                                                                                   "missing)"))
+        return 0
+    for flag in ("config", "out"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag} is required (or --status DIR alone)")
+    options = {f: v for f, v in vars(args).items() if f in LauncherConfig.__dataclass_fields__ and v is not None}
     try:
         result = run_study(args.config, args.out, jobs=args.jobs, device=args.device,
-                           summary_only=args.summary_only, overwrite=args.overwrite)
+                           summary_only=args.summary_only, overwrite=args.overwrite, launcher=args.launcher,
+                           launcher_options=options, wait=args.wait, partial=args.partial)
     except StudyInterrupted as stop:  # every worker stopped first; the message names the runs cut
         print(f"sib study: {stop}", file=sys.stderr, flush=True)
         return 128 + stop.signum
+    except RuntimeError as err:  # the cluster refused (sbatch missing or failing): its message, no traceback
+        print(f"sib study: error: {err}", file=sys.stderr)
+        return 1
+    if result.submitted is not None:
+        for note in result.notes:
+            print(note)
+        return 0
     key = key_table(result.rows, result.baseline)
     print(to_markdown(key, list(dict.fromkeys(c for row in key for c in row))) if key else "(no finished run)")
     for note in result.notes:
@@ -131,16 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("study", help="settings x seeds as run folders (resumable), then paired statistics")
-    p.add_argument("--config", required=True,
-                   help="required: the study file (YAML: base, seeds, baseline, evaluate, settings)")
-    p.add_argument("--out", required=True, help="required: the study folder (rerun the same command to resume)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes (default: 1)")
+    p.add_argument("--config", default=None,
+                   help="required: the study file (YAML: base, seeds, baseline, evaluate, settings, launcher)")
+    p.add_argument("--out", default=None, help="required: the study folder (rerun the same command to resume)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, in separate processes, with the local launcher (default: 1)")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="where the runs execute: local (this machine) or slurm (one job array through submitit; the "
+                        "options below and the file's launcher: section) (default: %(default)s)")
+    p.add_argument("--wait", action="store_true",
+                   help="with --launcher slurm: wait for the runs (a line per change), then aggregate (default: off: "
+                        "exit after submitting, printing the job id)")
+    p.add_argument("--status", default=None, metavar="DIR",
+                   help="print each run of study folder DIR: pending / running (job, node) / done / failed (its "
+                        "error), and the command that aggregates; nothing else is done (default: off)")
+    p.add_argument("--partial", action="store_true",
+                   help="aggregate although runs are missing (--summary-only refuses otherwise); the summary says "
+                        "which (default: off)")
     p.add_argument("--device", default=None, help="device of every run and evaluation: auto, cpu, cuda or cuda:N "
                                                   "(default: the file's)")
     p.add_argument("--summary-only", action="store_true", help="only re-aggregate the runs on disk (default: off)")
     p.add_argument("--overwrite", action="store_true",
                    help="accept a changed study file for --out: runs whose configuration changed are redone "
                         "(default: off)")
+    add_dataclass_arguments(p.add_argument_group("SLURM launcher (--launcher slurm; also the study file's "
+                                                 "launcher: section)"), LauncherConfig)
     p.set_defaults(func=_study)
 
     p = sub.add_parser("report", help="a static HTML report (one file, opens from disk) of runs, a demo or a study")

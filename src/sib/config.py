@@ -218,6 +218,48 @@ class ExplainConfig:
         "replace the explanations in --out (only the files sib explain wrote are removed)"))
 
 
+@dataclass
+class LauncherConfig:
+    """Where `sib study --launcher slurm` runs a study: the SLURM resources of one run (one array task each).
+
+    The study file's `launcher:` section holds these keys; each is also a flag of `sib study` (flags win). Where
+    a study runs (`--launcher local|slurm`) is chosen on the command line, not in the file: the same file runs
+    on a laptop for a smoke test and on the cluster. sib.launch turns these into submitit's executor options.
+    """
+
+    partition: str | None = field(default=None, metadata=_doc(
+        "SLURM partition of the runs", default="the cluster's default"))
+    time_min: int = field(default=240, metadata=_doc(
+        "time limit of one run, in minutes (SLURM sends USR2 90 s before it: the run is requeued and resumes)"))
+    cpus_per_run: int = field(default=1, metadata=_doc(
+        "CPU cores of one run (its torch threads; data loaders share them)"))
+    gpus_per_run: int = field(default=0, metadata=_doc(
+        "GPUs of one run on one node; above 1 the run is DDP, one process per GPU started by srun"))
+    mem_gb: float | None = field(default=None, metadata=_doc(
+        "memory of one run in GB", default="the partition's default"))
+    array_parallelism: int = field(default=64, metadata=_doc("most runs of the study at once (the array's %N)"))
+    account: str | None = field(default=None, metadata=_doc("SLURM account charged", default="yours"))
+    qos: str | None = field(default=None, metadata=_doc("SLURM quality of service", default="the default"))
+    max_requeues: int = field(default=3, metadata=_doc(
+        "requeues of one run after time-outs or preemptions; past it the run is reported failed"))
+    sbatch: list[str] = field(default_factory=list, metadata=_doc(
+        "extra sbatch options as KEY=VALUE (constraint=a100) or KEY (exclusive)"))
+    setup: list[str] = field(default_factory=list, metadata=_doc(
+        "shell lines each task runs before the run (module load ..., source ...)"))
+    poll_s: float = field(default=30.0, metadata=_doc("seconds between the status checks of --wait"))
+
+    def sbatch_options(self) -> dict[str, Any]:
+        """`sbatch` as submitit's `slurm_additional_parameters`: {"constraint": "a100", "exclusive": True}."""
+        options: dict[str, Any] = {}
+        for item in self.sbatch:
+            key, sep, value = item.partition("=")
+            key = key.strip().lstrip("-").replace("-", "_")
+            if not key:
+                raise ValueError(f"--sbatch {item!r}: expected KEY=VALUE or KEY (an sbatch option without --)")
+            options[key] = value if sep else True
+        return options
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -325,7 +367,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
 
 
 # The configurations whose options the README's table documents, under the command that takes them.
-DOCUMENTED = (("sib train", "TrainConfig"), ("sib evaluate", "EvalConfig"), ("sib explain", "ExplainConfig"))
+DOCUMENTED = (("sib train", "TrainConfig"), ("sib evaluate", "EvalConfig"), ("sib explain", "ExplainConfig"),
+              ("sib study --launcher slurm", "LauncherConfig"))
 
 
 def options_markdown() -> str:

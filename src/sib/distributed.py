@@ -1,8 +1,13 @@
-"""Process-group helpers for `torchrun --nproc_per_node N -m sib train ...`, and the samplers that shard data.
+"""Process-group helpers for `torchrun --nproc_per_node N -m sib train ...` (or `srun -n N sib train ...`), and
+the samplers that shard data.
 
 One process per device. Under torchrun (environment `WORLD_SIZE` > 1) `init_distributed` joins the
 process group (NCCL on CUDA, gloo on CPU); a plain `python -m sib train` is a world of one and touches no
-process group. The model is wrapped in `DistributedDataParallel` at its default settings: with double
+process group. Under SLURM's `srun` with several tasks and no torchrun variables, `slurm_environment` derives
+them from SLURM's (rank, world size, local rank, the step's first node as master, a port from the job id) and
+the same torchrun path follows: one code path, two ways to start the processes.
+
+The model is wrapped in `DistributedDataParallel` at its default settings: with double
 backprop (S-IB, RRR, energy) `static_graph=True` raises no error but never synchronises the gradients
 (measured, DESIGN.md), so it must not be used; `find_unused_parameters` is not needed (every parameter
 is used on every step, plain or regularised).
@@ -43,12 +48,50 @@ class DistInfo:
         return self.world_size > 1
 
 
+MASTER_PORTS = (20000, 60000)  # the range a SLURM job's rendezvous port is drawn from (by its job id)
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[03-05,07],cpu1" -> "gpu03"), as `scontrol show hostnames` would
+    give it; written here so a task needs no SLURM command on its node."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head[: head.index("[")], head[head.index("[") + 1: head.index("]")]
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """torchrun's variables derived from SLURM's, for a process of an `srun` step of several tasks; {} elsewhere
+    (torchrun's own variables present, no SLURM step, or a step of one task).
+
+    RANK = SLURM_PROCID, WORLD_SIZE = the step's task count, LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = the
+    step's first node, MASTER_PORT = MASTER_PORT if set, else drawn from the job id in MASTER_PORTS (every task
+    of the step computes the same port; two steps of one job on one node would need MASTER_PORT set).
+    """
+    env = dict(os.environ if env is None else env)
+    # only a step's processes: the batch script has SLURM_PROCID=0 and SLURM_NTASKS=N too, but is one process
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return {}
+    world = int(env["SLURM_STEP_NUM_TASKS"] or "1")
+    if world <= 1:
+        return {}
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+    job = int(env.get("SLURM_JOB_ID", "0") or 0)
+    low, high = MASTER_PORTS
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or (_first_host(nodes) if nodes else "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(low + job % (high - low))}
+
+
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the torchrun process group if there is one; return this process's rank and the world size.
+    """Join the torchrun (or SLURM srun) process group if there is one; return this process's rank and the world
+    size.
 
     Args:
         device: the device this process will use (decides NCCL vs gloo).
     """
+    os.environ.update(slurm_environment())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()

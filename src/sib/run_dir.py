@@ -45,6 +45,7 @@ import torch
 
 from sib.claim import CLAIM, Claim, ClaimedError, claim, holder
 from sib.io import atomic_torch_save, atomic_write_text
+from sib.task_record import TASK
 
 MANIFEST = ".sib_manifest.json"
 CHECKPOINT = "checkpoint.pt"  # the last completed epoch: everything a resume needs
@@ -237,7 +238,7 @@ def _refuse(out: Path, kind: FolderKind, overwrite: bool, resume: bool) -> None:
     if not out.is_dir():
         return
     found = folder_kind(out)
-    entries = [p for p in out.iterdir() if p.name not in (MANIFEST, CLAIM)]
+    entries = [p for p in out.iterdir() if p.name not in (MANIFEST, CLAIM, TASK)]  # infrastructure, not content
     if found is None and entries:  # names alone (a user's config.json) never make a folder sib's
         shown = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
         raise FileExistsError(f"--out {out}: the folder is not empty ({shown}) and is not a sib {kind.name} "

@@ -42,11 +42,12 @@ from typing import Any
 
 import yaml
 
-from sib.claim import ClaimedError
-from sib.config import EvalConfig, TrainConfig, save_json, to_dict
+from sib import task_record
+from sib.claim import ClaimedError, holder
+from sib.config import EvalConfig, LauncherConfig, TrainConfig, save_json, to_dict
 from sib.study_pool import run_in_process, run_in_workers
 
-TOP_KEYS = ("base", "seeds", "baseline", "evaluate", "settings")
+TOP_KEYS = ("base", "seeds", "baseline", "evaluate", "settings", "launcher")
 RESERVED_TRAIN = ("seed", "out", "resume", "overwrite")  # set by the study for each run
 RESERVED_EVAL = ("checkpoint", "out", "resume", "overwrite")
 # fields that do not change what a run computes: a run folder may differ from the study in these
@@ -80,9 +81,11 @@ class Study:
     baseline: str
     evaluate: dict[str, Any]
     settings: list[Setting]
+    launcher: dict[str, Any] = dataclasses.field(default_factory=dict)  # partial LauncherConfig: where, not what
 
     def resolved(self) -> dict[str, Any]:
-        """The study as JSON: what DIR/study.json holds and what a rerun must agree with."""
+        """The study as JSON: what DIR/study.json holds and what a rerun must agree with (where the runs execute,
+        the `launcher` section, is not part of it: the same study may be run here and on a cluster)."""
         return json.loads(json.dumps({
             "base": self.base, "seeds": self.seeds, "baseline": self.baseline, "evaluate": self.evaluate,
             "settings": [dataclasses.asdict(s) for s in self.settings]}))
@@ -239,6 +242,7 @@ def load_study(path: str | Path) -> Study:
         fail(f"unknown key(s) {unknown}; valid: {list(TOP_KEYS)}")
     base = _check_partial(fail, "base", raw.get("base"), TrainConfig, RESERVED_TRAIN)
     evaluate = _check_partial(fail, "evaluate", raw.get("evaluate"), EvalConfig, RESERVED_EVAL)
+    launcher = _check_partial(fail, "launcher", raw.get("launcher"), LauncherConfig, ())
     seeds = raw.get("seeds")
     if not isinstance(seeds, list) or not seeds:
         fail("no seeds; give a non-empty list of integer seeds, e.g. seeds: [0, 1, 2]")
@@ -259,7 +263,7 @@ def load_study(path: str | Path) -> Study:
     baseline = raw.get("baseline")
     if baseline not in labels:
         fail(f"baseline {baseline!r} is not among the settings {labels}")
-    study = Study(path, base, list(seeds), baseline, evaluate, settings)
+    study = Study(path, base, list(seeds), baseline, evaluate, settings, launcher)
     _check_names(fail, study)
     return study
 
@@ -371,26 +375,38 @@ class StudyResult:
     notes: list[str]
     figure: Path | None
     baseline: str | None = None
+    submitted: str | None = None  # the SLURM job id, when the runs were sent to a cluster and not waited for
+
+
+LAUNCHERS = ("local", "slurm")
 
 
 def run_study(config: str | Path, out: str | Path, jobs: int = 1, device: str | None = None,
-              summary_only: bool = False, overwrite: bool = False) -> StudyResult:
+              summary_only: bool = False, overwrite: bool = False, launcher: str = "local",
+              launcher_options: dict[str, Any] | None = None, wait: bool = False, partial: bool = False) -> StudyResult:
     """Load the study, run every (setting, seed) not yet done, then aggregate; see the module docstring.
 
     Args:
         config: the study file.
         out: the study folder DIR.
-        jobs: runs at once (separate processes, 'spawn'; each gets cpu_count // jobs torch threads; SIGTERM or
-            SIGINT stops them all and raises sib.study_pool.StudyInterrupted naming the runs cut).
+        jobs: runs at once with the local launcher (separate processes, 'spawn'; each gets cpu_count // jobs torch
+            threads; SIGTERM or SIGINT stops them all and raises sib.study_pool.StudyInterrupted naming the runs cut).
         device: overrides the device of every run and evaluation.
-        summary_only: only re-aggregate the runs that exist (DIR must hold this study).
+        summary_only: only aggregate the runs on disk (DIR must hold this study); refused while runs are not
+            finished, unless `partial`.
         overwrite: accept a changed study file for DIR; runs whose configuration changed are retrained,
             the others kept; nothing but the study's own files is deleted.
+        launcher: "local" (this machine) or "slurm" (one job array through submitit: sib.launch).
+        launcher_options: LauncherConfig fields over the study file's `launcher:` section (the flags).
+        wait: with slurm, wait for the array (a line per change), then aggregate; else return after submitting.
+        partial: aggregate although runs are missing; the summary says which.
     """
     study = load_study(config)
     out = Path(out)
     if jobs < 1:
         raise ValueError(f"--jobs {jobs}: must be >= 1")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher {launcher!r}: expected one of {list(LAUNCHERS)}")
     failed: list[str] = []
     if summary_only:
         marker = out / "study.json"
@@ -398,17 +414,185 @@ def run_study(config: str | Path, out: str | Path, jobs: int = 1, device: str | 
             raise FileNotFoundError(f"--summary-only: {marker}: no such file (run the study first)")
         if json.loads(marker.read_text()) != study.resolved():
             raise ValueError(f"--summary-only: {out} holds another study than {study.path}")
-    else:
-        _prepare_out(study, out, overwrite)
-        jobs_list = []
-        for seed in study.seeds:  # seed-major: complete paired comparisons arrive early
-            for s in study.settings:
-                cfg = study.train_config(s, seed, out, device)
-                jobs_list.append((f"{s.label} seed {seed}", {
-                    "train": to_dict(cfg), "eval": to_dict(study.eval_config(Path(cfg.out), device)),
-                    "overwrite": overwrite}))
-        failed = _execute(jobs_list, jobs)
+        return _aggregate_finished(study, out, partial, "--summary-only")
+    _prepare_out(study, out, overwrite)
+    if launcher == "slurm":  # a task's working folder is the cluster's business: give it absolute run folders
+        out = out.resolve()
+    jobs_list = []
+    for seed in study.seeds:  # seed-major: complete paired comparisons arrive early
+        for s in study.settings:
+            cfg = study.train_config(s, seed, out, device)
+            jobs_list.append((f"{s.label} seed {seed}", {
+                "train": to_dict(cfg), "eval": to_dict(study.eval_config(Path(cfg.out), device)),
+                "overwrite": overwrite}))
+    if launcher == "slurm":
+        cfg = LauncherConfig(**{**study.launcher, **(launcher_options or {})})
+        return _run_on_slurm(study, out, jobs_list, cfg, wait)
+    failed = _execute(jobs_list, jobs)
     return aggregate(study, out, failed)
+
+
+def _aggregate_finished(study: Study, out: Path, partial: bool, why: str, failed: list[str] | None = None
+                        ) -> StudyResult:
+    """Aggregate when every run is finished; with `partial`, aggregate what is, saying what is missing."""
+    states = {name: state for name, state in _states(study, out)}
+    missing = {name: st for name, st in states.items() if st["state"] != "done"}
+    if missing and not partial:
+        shown = "; ".join(f"{name}: {_describe(st)}" for name, st in list(missing.items())[:6])
+        more = f"; and {len(missing) - 6} more" if len(missing) > 6 else ""
+        raise ValueError(f"{why}: {len(missing)} of {len(states)} runs are not finished ({shown}{more}); wait for "
+                         f"them (sib study --status {out}) or pass --partial to aggregate the finished ones")
+    result = aggregate(study, out, failed)
+    if missing:
+        note = (f"partial summary: {len(missing)} of {len(states)} runs missing ({', '.join(missing)}); rerun "
+                f"sib study --summary-only when they are finished")
+        result.notes.insert(0, note)
+        with (out / "summary.md").open("a") as f:
+            f.write(f"\n> {note}\n")
+    return result
+
+
+def _describe(state: dict[str, Any]) -> str:
+    """One cell of the status table: the state and what is known of it."""
+    parts = [state["state"]]
+    if state.get("job"):
+        parts.append(f"job {state['job']}")
+    if state.get("node"):
+        parts.append(f"on {state['node']}")
+    text = " ".join(parts)
+    return f"{text}: {state['detail']}" if state.get("detail") else text
+
+
+def _run_done(run: Path, epochs: int) -> bool:
+    """Trained to its last epoch and evaluated after its last checkpoint (what `run_one` would keep)."""
+    return ((run / "summary.json").exists() and _finished_epochs(run) >= epochs
+            and _mtime(run / "eval" / "summary.json") > _mtime(run / "checkpoint.pt"))
+
+
+def _run_state(run: Path, epochs: int, live: dict[str, tuple[str, str]] | None) -> dict[str, Any]:
+    """done / running / pending / failed / lost / stopped / not started, from the run's files, its claims, its
+    task record (sib.task_record) and SLURM's queue (`live`: None when SLURM cannot be asked)."""
+    record = task_record.read(run) or {}
+    if _run_done(run, epochs):
+        return {"state": "done", "job": record.get("job"), "node": record.get("node")}
+    for folder, what in ((run, "training"), (run / "eval", "evaluating")):
+        who = holder(folder)
+        if who is not None:
+            return {"state": "running", "job": who.job, "node": who.host, "detail": what}
+    job = record.get("job")
+    if record.get("state") == "failed":
+        return {"state": "failed", "job": job, "detail": record.get("error", "")}
+    if record.get("state") in ("pending", "running") and record.get("launcher") == "slurm" and job:
+        if live is None:
+            return {"state": record["state"], "job": job, "node": record.get("node"),
+                    "detail": "as last recorded (squeue did not answer)"}
+        if job in live:
+            queued, node = live[job]
+            state = "running" if queued in ("running", "completing") else "pending"
+            return {"state": state, "job": job, "node": node or None, "detail": None if state == "running" else queued}
+        return {"state": "lost", "job": job, "detail": f"the task left the queue without a result; its log: "
+                                                      f"{record.get('log', '?')}; rerun the study to resume it"}
+    epochs_done = _finished_epochs(run)
+    if epochs_done:
+        evaluated = ", not evaluated" if epochs_done >= epochs else ""
+        return {"state": "stopped", "detail": f"trained {epochs_done} of {epochs} epochs{evaluated}; rerun the study "
+                                              f"to finish it"}
+    return {"state": "not started"}
+
+
+def _states(study: Study, out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(run name, state) of every (setting, seed), seed-major as the runs are sent."""
+    runs = [(f"{s.label} seed {seed}", study.run_dir(out, s, seed), {**study.base, **s.overrides})
+            for seed in study.seeds for s in study.settings]
+    jobs = {r.get("job") for _, run, _ in runs if (r := task_record.read(run) or {}).get("launcher") == "slurm"}
+    live = _queue({j for j in jobs if j})
+    default_epochs = TrainConfig().epochs
+    return [(name, _run_state(run, int(values.get("epochs", default_epochs)), live)) for name, run, values in runs]
+
+
+def _queue(job_ids: set[str]) -> dict[str, tuple[str, str]] | None:
+    if not job_ids:
+        return {}
+    from sib.launch import queue
+
+    return queue(job_ids)
+
+
+def study_status(out: str | Path) -> tuple[list[dict[str, Any]], str]:
+    """`sib study --status DIR`: one row per run (setting, seed, state, job, node, detail), and the command that
+    aggregates. Needs only DIR (its study.json); the launch record names the study file when there is one."""
+    out = Path(out)
+    marker = out / "study.json"
+    if not marker.exists():
+        raise FileNotFoundError(f"--status {out}: no study.json there (not a study folder, or not started)")
+    resolved = json.loads(marker.read_text())
+    study = Study(marker, resolved["base"], resolved["seeds"], resolved["baseline"], resolved["evaluate"],
+                  [Setting(**s) for s in resolved["settings"]])
+    rows = []
+    for name, st in _states(study, out):
+        label, _, seed = name.rpartition(" seed ")
+        rows.append({"setting": label, "seed": int(seed), "state": st["state"], "job": st.get("job") or "",
+                     "node": st.get("node") or "", "detail": st.get("detail") or ""})
+    launch = out / LAUNCH_RECORD
+    config = json.loads(launch.read_text()).get("config") if launch.exists() else None
+    command = f"sib study --config {config or 'STUDY.yaml'} --out {out} --summary-only"
+    return rows, command
+
+
+LAUNCH_RECORD = "launch.json"  # DIR/launch.json: the study file and every SLURM submission of this folder
+
+
+def _run_on_slurm(study: Study, out: Path, jobs_list: list[tuple[str, dict[str, Any]]], cfg: LauncherConfig,
+                  wait: bool) -> StudyResult:
+    """Send the unfinished runs not already queued as one array; with `wait`, follow them, then aggregate."""
+    from sib.launch import progress_line, shared_path_warning, submit_slurm
+
+    warning = shared_path_warning(out)
+    if warning:
+        print(f"sib study: warning: {warning}", file=sys.stderr, flush=True)
+    states = dict(_states(study, out))
+    todo = [(name, job) for name, job in jobs_list if states[name]["state"] not in ("done", "running", "pending")]
+    queued = [name for name, _ in jobs_list if states[name]["state"] in ("running", "pending")]
+    notes = [f"{len(queued)} run(s) already queued or running, not sent again: {', '.join(queued)}"] if queued else []
+    job = None
+    if todo:
+        job = submit_slurm(todo, out, cfg, run_one)
+        launch = out / LAUNCH_RECORD
+        record = json.loads(launch.read_text()) if launch.exists() else {"submissions": []}
+        record["config"] = str(study.path)
+        record["submissions"].append({"job": job, "runs": [name for name, _ in todo],
+                                      "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        save_json(record, launch)
+        print(f"submitted {len(todo)} run(s) as SLURM job array {job}; logs in {out / 'slurm'}/", flush=True)
+    if not wait:
+        if job is None and not queued:  # nothing left to run: as the local launcher, aggregate
+            return aggregate(study, out)
+        notes.append(f"watch: sib study --status {out}   aggregate when done: sib study --config {study.path} "
+                     f"--out {out} --summary-only")
+        return StudyResult(out, [], [], notes, None, study.baseline, submitted=job or "already queued")
+    poll = max(0.1, cfg.poll_s)
+    t0, last = time.monotonic(), None
+    try:
+        while True:
+            states = dict(_states(study, out))
+            counts: dict[str, int] = {}
+            for st in states.values():
+                counts[st["state"]] = counts.get(st["state"], 0) + 1
+            line = progress_line(counts, job or "(earlier)", time.monotonic() - t0)
+            if line.rsplit(" (", 1)[0] != last:
+                print(line, flush=True)
+                last = line.rsplit(" (", 1)[0]
+            if not counts.get("running") and not counts.get("pending"):
+                break
+            time.sleep(poll)
+    except KeyboardInterrupt:  # Ctrl-C stops the watching only: the array is SLURM's, and goes on
+        notes.append(f"stopped watching; the runs go on on SLURM (job {job or 'earlier'}): sib study --status {out}; "
+                     f"scancel {job or 'JOB'} stops them")
+        return StudyResult(out, [], [], notes, None, study.baseline, submitted=job or "already queued")
+    failed = [f"{name}: {_describe(st)}" for name, st in states.items() if st["state"] in ("failed", "lost")]
+    result = _aggregate_finished(study, out, True, "--wait", failed)
+    result.notes = notes + result.notes
+    return result
 
 
 def _execute(jobs_list: list[tuple[str, dict[str, Any]]], jobs: int) -> list[str]:

@@ -255,6 +255,9 @@ def _train_claimed(cfg: TrainConfig, out: Path, device: torch.device, info: Dist
             sched.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start_epoch, history, best_val = ckpt["epoch"], ckpt["history"], ckpt["best_val"]
+        if info.is_main:  # the line a requeued cluster task's log shows
+            tqdm.write(f"resumed {out} from {CHECKPOINT}: {start_epoch} of {cfg.epochs} epochs done, continuing with "
+                       f"epoch {start_epoch + 1}")
     loss_options = {"amp_dtype": amp_dtype, "reg_precision": cfg.reg_precision,
                     "label_smoothing": cfg.label_smoothing}
     # --reg-calibrate (scales reg's weights; calibration.json) and the per-epoch diagnostics (sib.diagnostics);
