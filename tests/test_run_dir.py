@@ -61,6 +61,14 @@ def test_new_folder_gets_a_manifest_of_its_kind(tmp_path):
     assert folder_kind(tmp_path / "empty") == "demo"
 
 
+@pytest.mark.parametrize("kind", [TRAIN, EVAL, DEMO, EXPLAIN])
+def test_overwrite_of_a_folder_that_does_not_exist_yet_creates_it(tmp_path, kind):
+    """`make demo` passes --overwrite; on a fresh clone neither runs/ nor runs/demo exists (it crashed there)."""
+    folder = tmp_path / "runs" / "new"
+    prepare(folder, kind, overwrite=True, resume=False)
+    assert _tree(folder) == [MANIFEST] and folder_kind(folder) == kind.name
+
+
 def test_overwrite_removes_the_kinds_artefacts_and_nothing_else(tmp_path):
     run = tmp_path / "run"
     _old_run(run)

@@ -219,10 +219,10 @@ def prepare(out: Path, kind: FolderKind, *, overwrite: bool, resume: bool, claim
     held = claim(out, claim_for) if claim_for else None
     try:
         _refuse(out, kind, overwrite, resume)  # again: another process may have finished a run meanwhile
-        if overwrite:
-            _refuse_claimed_children(out, kind)
-            _clear(out, kind)
-        if out.is_dir():
+        if out.is_dir():  # nothing to clear in a folder that does not exist yet (`make demo` on a fresh clone)
+            if overwrite:
+                _refuse_claimed_children(out, kind)
+                _clear(out, kind)
             _remove_temporaries(out, kind)
         out.mkdir(parents=True, exist_ok=True)
         write_manifest(out, kind)
