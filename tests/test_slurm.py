@@ -146,7 +146,7 @@ def _epochs(run: Path) -> list[int]:
 
 
 def test_usr2_requeues_the_task_which_resumes_from_its_checkpoint(slurm, tmp_path):
-    epochs = 40
+    epochs = 80  # several seconds of training even on a fast CPU: the signal must land mid-run
     config = _study(tmp_path / "study.yaml", [{"label": "ce", "regularizer": "none"}], epochs=epochs,
                     dataset_options={"num_samples": 512}, max_steps_per_epoch=16)
     text = yaml.safe_load(config.read_text())
