@@ -234,7 +234,7 @@ def test_the_interrupt_signal_of_a_stopped_launcher_leaves_the_tasks_running(slu
     out = tmp_path / "cluster"
     launcher = _sib("study", "--config", str(config), "--out", str(out), "--launcher", "slurm", "--wait",
                     cwd=tmp_path, log=tmp_path / "launcher.log")
-    _wait_for(lambda: (out / "runs" / "ce" / "seed0" / ".sib_task.json").exists(), "the submission")
+    _wait_for(lambda: "slurm job " in (tmp_path / "launcher.log").read_text(), "the launcher's first status line")
     launcher.send_signal(signal.SIGINT)
     assert launcher.wait(timeout=60) == 0
     said = (tmp_path / "launcher.log").read_text()

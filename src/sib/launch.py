@@ -180,6 +180,8 @@ def submit_slurm(jobs: list[Job], out: Path, cfg: LauncherConfig,
         raise RuntimeError(f"--launcher slurm: sbatch refused the job array: {detail}") from err
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for (_, job), handle in zip(jobs, submitted, strict=True):
+        if (task_record.read(job["train"]["out"]) or {}).get("job") == handle.job_id:
+            continue  # the task started first and wrote its own record: never put it back to pending
         task_record.write(job["train"]["out"], "pending", launcher="slurm", job=handle.job_id, node=None,
                           log=str(handle.paths.stdout).replace("%j", handle.job_id), submitted=when, restarts=0)
     return submitted[0].job_id.split("_")[0]

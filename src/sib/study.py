@@ -45,7 +45,7 @@ import yaml
 from sib import task_record
 from sib.claim import ClaimedError, holder
 from sib.config import EvalConfig, LauncherConfig, TrainConfig, save_json, to_dict
-from sib.study_pool import run_in_process, run_in_workers
+from sib.study_pool import run_in_process, run_in_workers, stop_signals
 
 TOP_KEYS = ("base", "seeds", "baseline", "evaluate", "settings", "launcher")
 RESERVED_TRAIN = ("seed", "out", "resume", "overwrite")  # set by the study for each run
@@ -573,18 +573,21 @@ def _run_on_slurm(study: Study, out: Path, jobs_list: list[tuple[str, dict[str, 
     poll = max(0.1, cfg.poll_s)
     t0, last = time.monotonic(), None
     try:
-        while True:
-            states = dict(_states(study, out))
-            counts: dict[str, int] = {}
-            for st in states.values():
-                counts[st["state"]] = counts.get(st["state"], 0) + 1
-            line = progress_line(counts, job or "(earlier)", time.monotonic() - t0)
-            if line.rsplit(" (", 1)[0] != last:
-                print(line, flush=True)
-                last = line.rsplit(" (", 1)[0]
-            if not counts.get("running") and not counts.get("pending"):
-                break
-            time.sleep(poll)
+        # SIGINT and SIGTERM raise KeyboardInterrupt here even where the shell started us with SIGINT ignored
+        # (a background job): both stop the watching
+        with stop_signals():
+            while True:
+                states = dict(_states(study, out))
+                counts: dict[str, int] = {}
+                for st in states.values():
+                    counts[st["state"]] = counts.get(st["state"], 0) + 1
+                line = progress_line(counts, job or "(earlier)", time.monotonic() - t0)
+                if line.rsplit(" (", 1)[0] != last:
+                    print(line, flush=True)
+                    last = line.rsplit(" (", 1)[0]
+                if not counts.get("running") and not counts.get("pending"):
+                    break
+                time.sleep(poll)
     except KeyboardInterrupt:  # Ctrl-C stops the watching only: the array is SLURM's, and goes on
         notes.append(f"stopped watching; the runs go on on SLURM (job {job or 'earlier'}): sib study --status {out}; "
                      f"scancel {job or 'JOB'} stops them")
