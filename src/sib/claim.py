@@ -9,12 +9,12 @@ its folder before it changes anything and releases it when done:
 
 The claim is the file `.sib_claim.json` in the folder, holding who works there (`Holder`: command, host, pid,
 start time and, under SLURM, the job id: ARRAY_TASK for an array task, as squeue names it) for messages and
-for a cluster launcher to read (`holder`). It is
-held with an exclusive `flock` on that file for as long as the work runs. The kernel drops the lock when the
-process ends, however it ends (an exception, SIGKILL, a crash), and keeps it while the process is only stopped
-(SIGSTOP): so a claim is never taken from a live process, and a dead one's is taken over at once. A clean
-release deletes the file; a claim found in the file but not locked was left by a process that died, and taking
-it over is logged (stderr) naming that process. Linux NFS clients carry `flock` across machines.
+for a cluster launcher to read (`holder`). It is held with an exclusive `flock` on that file for as long as the
+work runs. The kernel drops the lock when the process ends, however it ends (an exception, SIGKILL, a crash),
+and keeps it while the process is only stopped (SIGSTOP): so a claim is never taken from a live process, and a
+dead one's is taken over at once. A clean release deletes the file; a claim found in the file but not locked
+was left by a process that died, and taking it over is logged (stderr) naming that process. Linux NFS clients
+carry `flock` across machines.
 
 Where the filesystem has no `flock` (some cluster filesystems mounted without it), a claim falls back to the
 file alone: it is live while its process runs (same host: the pid exists with the same start time) and, from

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 from sib.config import (
@@ -77,9 +78,7 @@ def _study(args: argparse.Namespace) -> int:
     if args.status is not None:
         rows, command = study_status(args.status)
         print(to_markdown(rows, ["setting", "seed", "state", "job", "node", "detail"]))
-        counts = {}
-        for row in rows:
-            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        counts = Counter(row["state"] for row in rows)
         print(", ".join(f"{n} {state}" for state, n in counts.items()))
         print(f"aggregate: {command}" + ("" if counts.get("done") == len(rows) else " (add --partial while runs are "
                                                                                    "missing)"))

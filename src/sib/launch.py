@@ -29,7 +29,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,7 +182,7 @@ def submit_slurm(jobs: list[Job], out: Path, cfg: LauncherConfig,
         if (task_record.read(job["train"]["out"]) or {}).get("job") == handle.job_id:
             continue  # the task started first and wrote its own record: never put it back to pending
         task_record.write(job["train"]["out"], "pending", launcher="slurm", job=handle.job_id, node=None,
-                          log=str(handle.paths.stdout).replace("%j", handle.job_id), submitted=when, restarts=0)
+                          log=str(handle.paths.stdout), submitted=when, restarts=0)
     return submitted[0].job_id.split("_")[0]
 
 
@@ -213,10 +212,7 @@ def queue(job_ids: set[str]) -> dict[str, tuple[str, str]] | None:
 
 
 def progress_line(counts: dict[str, int], job: str, seconds: float) -> str:
-    order = ("done", "running", "pending", "failed", "lost")
-    return (f"slurm job {job}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in order if counts.get(k) or k in
-                                              ("done", "running", "pending")) + f" ({seconds:.0f} s)")
-
-
-def print_line(text: str) -> None:
-    print(text, file=sys.stdout, flush=True)
+    """`slurm job 123: 4 done, 2 running, 6 pending, 1 failed (80 s)`: failed and lost only when there are any."""
+    shown = [k for k in ("done", "running", "pending", "failed", "lost") if counts.get(k) or k in ("done", "running",
+                                                                                                 "pending")]
+    return f"slurm job {job}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in shown) + f" ({seconds:.0f} s)"

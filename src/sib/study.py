@@ -36,6 +36,7 @@ import time
 import traceback
 import types
 import typing
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,7 +333,7 @@ def _train_run(cfg: TrainConfig, run: Path) -> str:
     if _changes(run / "config.json", cfg):
         train(dataclasses.replace(cfg, overwrite=True, resume=False))
         return "retrained"
-    if (run / "summary.json").exists() and _finished_epochs(run) >= cfg.epochs:
+    if _trained(run, cfg.epochs):
         return "kept"
     trained = "resumed" if (run / "checkpoint.pt").exists() else "trained"
     train(dataclasses.replace(cfg, resume=True))
@@ -463,16 +464,22 @@ def _describe(state: dict[str, Any]) -> str:
     return f"{text}: {state['detail']}" if state.get("detail") else text
 
 
+def _trained(run: Path, epochs: int) -> bool:
+    """Trained to its last epoch (what `_train_run` keeps)."""
+    return (run / "summary.json").exists() and _finished_epochs(run) >= epochs
+
+
 def _run_done(run: Path, epochs: int) -> bool:
     """Trained to its last epoch and evaluated after its last checkpoint (what `run_one` would keep)."""
-    return ((run / "summary.json").exists() and _finished_epochs(run) >= epochs
-            and _mtime(run / "eval" / "summary.json") > _mtime(run / "checkpoint.pt"))
+    return _trained(run, epochs) and _mtime(run / "eval" / "summary.json") > _mtime(run / "checkpoint.pt")
 
 
-def _run_state(run: Path, epochs: int, live: dict[str, tuple[str, str]] | None) -> dict[str, Any]:
+def _run_state(run: Path, epochs: int, live: dict[str, tuple[str, str]] | None,
+               record: dict[str, Any] | None = None) -> dict[str, Any]:
     """done / running / pending / failed / lost / stopped / not started, from the run's files, its claims, its
-    task record (sib.task_record) and SLURM's queue (`live`: None when SLURM cannot be asked)."""
-    record = task_record.read(run) or {}
+    task record (sib.task_record; read here when not given) and SLURM's queue (`live`: None when SLURM cannot be
+    asked)."""
+    record = (task_record.read(run) or {}) if record is None else record
     if _run_done(run, epochs):
         return {"state": "done", "job": record.get("job"), "node": record.get("node")}
     for folder, what in ((run, "training"), (run / "eval", "evaluating")):
@@ -504,13 +511,15 @@ def _states(study: Study, out: Path) -> list[tuple[str, dict[str, Any]]]:
     """(run name, state) of every (setting, seed), seed-major as the runs are sent."""
     runs = [(f"{s.label} seed {seed}", study.run_dir(out, s, seed), {**study.base, **s.overrides})
             for seed in study.seeds for s in study.settings]
-    jobs = {r.get("job") for _, run, _ in runs if (r := task_record.read(run) or {}).get("launcher") == "slurm"}
-    live = _queue({j for j in jobs if j})
+    records = {run: task_record.read(run) or {} for _, run, _ in runs}
+    live = _queue({r["job"] for r in records.values() if r.get("launcher") == "slurm" and r.get("job")})
     default_epochs = TrainConfig().epochs
-    return [(name, _run_state(run, int(values.get("epochs", default_epochs)), live)) for name, run, values in runs]
+    return [(name, _run_state(run, int(values.get("epochs", default_epochs)), live, records[run]))
+            for name, run, values in runs]
 
 
 def _queue(job_ids: set[str]) -> dict[str, tuple[str, str]] | None:
+    """sib.launch.queue, imported (with submitit) only when some run was sent to SLURM."""
     if not job_ids:
         return {}
     from sib.launch import queue
@@ -578,14 +587,11 @@ def _run_on_slurm(study: Study, out: Path, jobs_list: list[tuple[str, dict[str, 
         with stop_signals():
             while True:
                 states = dict(_states(study, out))
-                counts: dict[str, int] = {}
-                for st in states.values():
-                    counts[st["state"]] = counts.get(st["state"], 0) + 1
-                line = progress_line(counts, job or "(earlier)", time.monotonic() - t0)
-                if line.rsplit(" (", 1)[0] != last:
-                    print(line, flush=True)
-                    last = line.rsplit(" (", 1)[0]
-                if not counts.get("running") and not counts.get("pending"):
+                counts = Counter(st["state"] for st in states.values())
+                if counts != last:  # a line per change, not per poll
+                    print(progress_line(counts, job or "(earlier)", time.monotonic() - t0), flush=True)
+                    last = counts
+                if not counts["running"] and not counts["pending"]:
                     break
                 time.sleep(poll)
     except KeyboardInterrupt:  # Ctrl-C stops the watching only: the array is SLURM's, and goes on
